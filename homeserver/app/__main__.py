@@ -1,0 +1,5 @@
+import sys
+
+from homeserver.app.cli import main
+
+sys.exit(main())

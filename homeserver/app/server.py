@@ -1,0 +1,86 @@
+"""Start-up and clean shutdown of a homeserver process."""
+
+import logging
+import logging.config
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crypto.keys import generate_signing_key, read_signing_keys, write_signing_keys
+from homeserver.app.listeners import start_listeners
+from homeserver.config import HomeserverConfig
+from homeserver.http.server import RequestTracker
+from homeserver.services.server import HomeServer
+from storage import Database, DatabaseConfig
+
+logger = logging.getLogger(__name__)
+
+# How long shutdown waits for requests in flight before closing anyway.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def setup_logging(config: HomeserverConfig) -> None:
+    path = config.get("log_config")
+    if path:
+        with open(path) as f:
+            logging.config.dictConfig(yaml.safe_load(f))
+    else:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+
+def load_or_create_signing_keys(path: str) -> list[Any]:
+    if not Path(path).exists():
+        logger.info("no signing key at %s: generating one", path)
+        write_signing_keys(path, [generate_signing_key()])
+    return read_signing_keys(path)
+
+
+def run(config: HomeserverConfig) -> int:
+    """Run the server in the foreground until SIGTERM or SIGINT."""
+    from twisted.internet import defer, reactor
+
+    started = time.monotonic()
+    setup_logging(config)
+    signing_keys = load_or_create_signing_keys(config["signing_key_path"])
+    Path(config["media_store_path"]).mkdir(parents=True, exist_ok=True)
+    database = Database(reactor, DatabaseConfig(config.database_engine, config.database_args))
+    database.open()
+    hs = HomeServer(config, reactor, database, signing_keys)
+    tracker = RequestTracker()
+    ports = start_listeners(hs, reactor, tracker)
+    pid_file = config.get("pid_file")
+    if pid_file:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
+
+    async def shutdown() -> None:
+        logger.info("shutting down: no new connections, finishing requests in flight")
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        idle = tracker.wait_idle()
+        timeout = reactor.callLater(SHUTDOWN_GRACE_SECONDS, idle.cancel)
+        try:
+            await idle
+        except defer.CancelledError:
+            logger.warning("%d requests still running after %.0fs", tracker.in_flight,
+                           SHUTDOWN_GRACE_SECONDS)
+        else:
+            timeout.cancel()
+        await database.close()
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
+        logger.info("shutdown complete")
+
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.ensureDeferred(shutdown())
+    )
+    reactor.callWhenRunning(
+        lambda: logger.info(
+            "%s ready in %.2fs", config.server_name, time.monotonic() - started
+        )
+    )
+    reactor.run()
+    return 0

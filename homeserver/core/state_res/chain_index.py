@@ -1,0 +1,322 @@
+"""Chain-cover index over a room's auth DAG (see docs/state-resolution.md).
+
+Every indexed event gets a position ``(chain_id, seq)``. A chain is a run of
+events with the same (type, state_key) where each event cites the previous
+one, so an event reaches every earlier event of its own chain. An auth edge
+that crosses chains is kept as a *link* ``(chain, seq) -> (chain', seq')``,
+unless an earlier link between the same two chains already reaches as far.
+Event A is in the auth chain of B exactly when a path of "previous in chain"
+steps and links leads from B's position to A's.
+
+Because events reach everything below them in a chain, the set of events a
+set of events reaches is a per-chain maximum sequence number (``Reach``); the
+auth chain difference is then, per chain, the seq range between the smallest
+and the largest of the state sets' maxima. A query touches chains and links,
+never the events of a chain one by one.
+
+Events must be added in topological order (auth events first). ``add_event``
+returns the ``ChainEntry`` to persist; ``load`` rebuilds an index from them.
+"""
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Collection, Iterable, Sequence
+
+import attrs
+
+from homeserver.core.state_res.source import StateKey
+
+Position = tuple[int, int]  # (chain_id, seq); seq counts from 1
+Reach = dict[int, int]  # chain_id -> highest seq reached (everything below too)
+
+
+@attrs.frozen
+class ChainLink:
+    chain_id: int
+    seq: int
+    target_chain_id: int
+    target_seq: int
+
+
+@attrs.frozen
+class ChainEntry:
+    """One event's row: its position and the links it added."""
+
+    event_id: str
+    state_key: StateKey
+    chain_id: int
+    seq: int
+    links: tuple[ChainLink, ...] = ()
+
+
+class UnindexedEventError(KeyError):
+    """An event (or one of its auth events) is not in the chain index."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
+
+
+class ChainIndex:
+    def __init__(self) -> None:
+        self._position: dict[str, Position] = {}
+        self._chain_events: dict[int, list[str]] = {}
+        self._chain_key: dict[int, StateKey] = {}
+        # Forward links per chain, sorted by source seq (parallel seq list for bisect).
+        self._links: dict[int, list[tuple[int, int, int]]] = {}
+        self._link_seqs: dict[int, list[int]] = {}
+        # (chain, target chain) -> highest target seq linked so far.
+        self._linked_to: dict[tuple[int, int], int] = {}
+        # Reverse links per target chain as (target seq, chain, seq); sorted lazily.
+        self._reverse: dict[int, list[tuple[int, int, int]]] = {}
+        self._reverse_dirty: set[int] = set()
+        self._next_chain_id = 1
+
+    # --- building ------------------------------------------------------------------
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._position
+
+    def __len__(self) -> int:
+        return len(self._position)
+
+    def position(self, event_id: str) -> Position:
+        try:
+            return self._position[event_id]
+        except KeyError:
+            raise UnindexedEventError(event_id) from None
+
+    def add_event(
+        self, event_id: str, state_key: StateKey, auth_event_ids: Iterable[str]
+    ) -> ChainEntry:
+        """Index a state event whose auth events are all indexed already.
+
+        Pass ``source.effective_auth_event_ids(pdu)`` so room 12's implied
+        create event is part of the chain. Re-adding an event is a no-op.
+        """
+        if event_id in self._position:
+            chain_id, seq = self._position[event_id]
+            return ChainEntry(event_id, state_key, chain_id, seq)
+        auth_positions = [self.position(a) for a in dict.fromkeys(auth_event_ids)]
+        chain_id = None
+        for auth_chain, auth_seq in auth_positions:
+            if (
+                self._chain_key[auth_chain] == state_key
+                and len(self._chain_events[auth_chain]) == auth_seq
+            ):
+                chain_id = auth_chain  # extend the chain whose tip we replace
+                break
+        if chain_id is None:
+            chain_id = self._next_chain_id
+            self._chain_events[chain_id] = []
+            self._chain_key[chain_id] = state_key
+        seq = len(self._chain_events[chain_id]) + 1
+        links = []
+        for target_chain, target_seq in auth_positions:
+            if target_chain == chain_id:
+                continue  # an earlier event of our own chain: implied
+            if self._linked_to.get((chain_id, target_chain), 0) >= target_seq:
+                continue  # an earlier link of this chain already reaches it
+            links.append(ChainLink(chain_id, seq, target_chain, target_seq))
+        entry = ChainEntry(event_id, state_key, chain_id, seq, tuple(links))
+        self._store(entry)
+        return entry
+
+    def load(self, entries: Iterable[ChainEntry]) -> None:
+        """Rebuild from persisted entries (any order; each chain complete from seq 1)."""
+        for entry in sorted(entries, key=lambda e: (e.chain_id, e.seq)):
+            if entry.event_id in self._position:
+                continue
+            events = self._chain_events.setdefault(entry.chain_id, [])
+            if entry.seq != len(events) + 1:
+                raise ValueError(f"chain {entry.chain_id} has a gap before seq {entry.seq}")
+            self._chain_key.setdefault(entry.chain_id, entry.state_key)
+            self._store(entry)
+
+    def _store(self, entry: ChainEntry) -> None:
+        chain_id = entry.chain_id
+        self._position[entry.event_id] = (chain_id, entry.seq)
+        self._chain_events.setdefault(chain_id, []).append(entry.event_id)
+        self._next_chain_id = max(self._next_chain_id, chain_id + 1)
+        for link in entry.links:
+            target = link.target_chain_id
+            self._links.setdefault(chain_id, []).append((link.seq, target, link.target_seq))
+            self._link_seqs.setdefault(chain_id, []).append(link.seq)
+            key = (chain_id, target)
+            self._linked_to[key] = max(self._linked_to.get(key, 0), link.target_seq)
+            self._reverse.setdefault(target, []).append((link.target_seq, chain_id, link.seq))
+            self._reverse_dirty.add(target)
+
+    # --- reachability ---------------------------------------------------------------
+    def _starts(self, event_ids: Iterable[str]) -> Reach:
+        starts: Reach = {}
+        for event_id in event_ids:
+            chain_id, seq = self.position(event_id)
+            if seq > starts.get(chain_id, 0):
+                starts[chain_id] = seq
+        return starts
+
+    def _reach(self, starts: Iterable[Position], floor: Reach | None = None) -> Reach:
+        """Per chain, the highest seq reachable from ``starts`` (inclusive).
+
+        With ``floor`` (a reach already computed) only what goes beyond it is
+        walked and returned: links below the floor were followed by it. Each
+        link is followed at most once per call.
+        """
+        floor = floor or {}
+        reach: Reach = {}
+        stack = list(starts)
+        links, link_seqs = self._links, self._link_seqs
+        while stack:
+            chain_id, seq = stack.pop()
+            done = max(reach.get(chain_id, 0), floor.get(chain_id, 0))
+            if seq <= done:
+                continue
+            reach[chain_id] = seq
+            seqs = link_seqs.get(chain_id)
+            if seqs:
+                chain_links = links[chain_id]
+                for i in range(bisect_right(seqs, done), bisect_right(seqs, seq)):
+                    _, target, target_seq = chain_links[i]
+                    stack.append((target, target_seq))
+        return reach
+
+    def _events_in(self, chain_id: int, low: int, high: int) -> list[str]:
+        """Events of a chain with low <= seq <= high."""
+        return self._chain_events[chain_id][low - 1 : high]
+
+    def reach(self, event_ids: Iterable[str]) -> Reach:
+        return self._reach(self._starts(event_ids).items())
+
+    def auth_chain(self, event_ids: Iterable[str]) -> set[str]:
+        """The auth chain of the events (their auth events, recursively).
+
+        A given event is included only if another given event reaches it.
+        Handy for callers working out what to prefetch.
+        """
+        starts: list[Position] = []
+        for event_id in event_ids:
+            chain_id, seq = self.position(event_id)
+            starts.append((chain_id, seq - 1))
+            seqs = self._link_seqs.get(chain_id, ())
+            chain_links = self._links.get(chain_id, ())
+            for i in range(bisect_left(seqs, seq), bisect_right(seqs, seq)):
+                _, target, target_seq = chain_links[i]
+                starts.append((target, target_seq))
+        reach = self._reach(s for s in starts if s[1] > 0)
+        return {e for c, s in reach.items() for e in self._events_in(c, 1, s)}
+
+    def reachable(self, sources: Iterable[str], candidates: Iterable[str]) -> set[str]:
+        """The candidates that are sources or in the auth chain of a source."""
+        reach = self.reach(sources)
+        found = set()
+        for event_id in candidates:
+            chain_id, seq = self.position(event_id)
+            if seq <= reach.get(chain_id, 0):
+                found.add(event_id)
+        return found
+
+    # --- state resolution queries -------------------------------------------------------
+    def auth_difference(self, state_sets: Sequence[Collection[str]]) -> set[str]:
+        """Events reachable from some state set but not from all of them.
+
+        A state set reaches its own events as well as their auth chains, as in
+        Synapse; see docs/state-resolution.md for why this reading is used.
+        The reach of the events common to every set is computed once and each
+        set only walks beyond it.
+        """
+        if len(state_sets) < 2:
+            return set()
+        sets = [set(s) for s in state_sets]
+        common = set.intersection(*sets)
+        base = self._reach(self._starts(common).items())
+        extras = [self._reach(self._starts(s - common).items(), base) for s in sets]
+        difference: set[str] = set()
+        for chain_id in set().union(*extras):
+            floor = base.get(chain_id, 0)
+            maxima = [max(extra.get(chain_id, 0), floor) for extra in extras]
+            low, high = min(maxima), max(maxima)
+            if low < high:
+                difference.update(self._events_in(chain_id, low + 1, high))
+        return difference
+
+    def _reverse_links(self, chain_id: int) -> tuple[list[tuple[int, int, int]], list[int]]:
+        links = self._reverse.get(chain_id)
+        if not links:
+            return [], []
+        if chain_id in self._reverse_dirty:
+            links.sort()
+            self._reverse_dirty.discard(chain_id)
+        return links, [link[0] for link in links]
+
+    def _between(self, event_ids: Iterable[str]) -> tuple[Reach, Reach]:
+        """Per-chain seq ranges [low, high] of events on a path between two
+        given events (endpoints included): reached from one, reaching one."""
+        starts = self._starts(event_ids)
+        high = self._reach(starts.items())
+        low: Reach = {}
+        stack = [self.position(e) for e in event_ids]
+        while stack:
+            chain_id, seq = stack.pop()
+            previous = low.get(chain_id)
+            if previous is not None and seq >= previous:
+                continue
+            low[chain_id] = seq
+            links, target_seqs = self._reverse_links(chain_id)
+            stop = len(links) if previous is None else bisect_left(target_seqs, previous)
+            for i in range(bisect_left(target_seqs, seq), stop):
+                _, source_chain, source_seq = links[i]
+                if source_seq <= high.get(source_chain, 0):
+                    stack.append((source_chain, source_seq))
+        return low, high
+
+    def conflicted_subgraph(self, event_ids: Collection[str]) -> set[str]:
+        """Room 12's conflicted state subgraph of the given conflicted events."""
+        low, high = self._between(event_ids)
+        return {e for c, s in low.items() for e in self._events_in(c, s, high[c])}
+
+    def auth_dag(self, event_ids: Collection[str]) -> dict[str, set[str]]:
+        """For each given event, the given events in its auth chain that are
+        not reached through another given event: the auth DAG among them.
+
+        Paths through events outside the set count, so this is the order the
+        full auth DAG induces on the set, kept small for Kahn's algorithm.
+        """
+        ids = list(dict.fromkeys(event_ids))
+        bit_of = {self.position(e): i for i, e in enumerate(ids)}
+        low, _ = self._between(ids)
+        memo: dict[Position, int] = {}
+
+        def successors(position: Position) -> list[Position]:
+            chain_id, seq = position
+            out = []
+            if seq - 1 >= low.get(chain_id, seq):
+                out.append((chain_id, seq - 1))
+            seqs = self._link_seqs.get(chain_id, ())
+            chain_links = self._links.get(chain_id, ())
+            for i in range(bisect_left(seqs, seq), bisect_right(seqs, seq)):
+                _, target, target_seq = chain_links[i]
+                if target in low and target_seq >= low[target]:
+                    out.append((target, target_seq))
+            return out
+
+        for start in bit_of:
+            stack = [start]
+            while stack:
+                position = stack[-1]
+                if position in memo:
+                    stack.pop()
+                    continue
+                nexts = successors(position)
+                pending = [p for p in nexts if p not in bit_of and p not in memo]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                bits = 0
+                for p in nexts:
+                    bits |= 1 << bit_of[p] if p in bit_of else memo[p]
+                memo[position] = bits
+                stack.pop()
+        result = {}
+        for event_id in ids:
+            bits = memo[self._position[event_id]]
+            result[event_id] = {ids[i] for i in range(bits.bit_length()) if bits >> i & 1}
+        return result

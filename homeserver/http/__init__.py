@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by the transports: routing, JSON bodies, Matrix errors, CORS."""

@@ -1,0 +1,185 @@
+"""A routing Twisted resource that speaks Matrix-shaped JSON.
+
+Handlers are ``async def handler(request, **path_params)`` returning
+``(status, json_body)``, or ``None`` when they wrote the response themselves
+(streaming media). Any ``MatrixError`` becomes ``{errcode, error}``; anything
+else is logged and answered 500 ``M_UNKNOWN`` without a traceback.
+"""
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from homeserver.errors import MatrixError, unrecognized
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[tuple[int, Any] | None]]
+
+CORS_HEADERS = {
+    b"Access-Control-Allow-Origin": b"*",
+    b"Access-Control-Allow-Methods": b"GET, HEAD, POST, PUT, DELETE, OPTIONS",
+    b"Access-Control-Allow-Headers": b"X-Requested-With, Content-Type, Authorization",
+}
+
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_json(body: Any) -> bytes:
+    return _json_encoder.encode(body).encode("utf-8")
+
+
+def respond_json(request: Request, status: int, body: Any) -> None:
+    if request._disconnected or request.finished:
+        return
+    data = encode_json(body)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(data)).encode())
+    request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+    if request.method != b"HEAD":
+        request.write(data)
+    request.finish()
+
+
+def respond_error(request: Request, error: MatrixError) -> None:
+    respond_json(request, error.status, error.to_json())
+
+
+def parse_json_body(request: Request) -> Any:
+    """The request body as JSON, or 400 M_NOT_JSON."""
+    try:
+        request.content.seek(0)
+        raw = request.content.read()
+        return json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MatrixError("M_NOT_JSON", "Content not JSON.") from e
+
+
+def parse_json_object(request: Request) -> dict[str, Any]:
+    body = parse_json_body(request)
+    if not isinstance(body, dict):
+        raise MatrixError("M_BAD_JSON", "Content must be a JSON object.")
+    return body
+
+
+class _Route:
+    __slots__ = ("pattern", "handlers")
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.handlers: dict[bytes, Handler] = {}
+
+
+class RequestTracker:
+    """Counts requests in flight so shutdown can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_idle(self) -> "defer.Deferred[None]":
+        if self.in_flight == 0:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+class JsonResource(Resource):
+    """The root resource of a listener: every path is routed here."""
+
+    isLeaf = True
+
+    def __init__(self, tracker: RequestTracker | None = None) -> None:
+        super().__init__()
+        self._routes: list[_Route] = []
+        self._by_text: dict[str, _Route] = {}
+        self.tracker = tracker or RequestTracker()
+
+    def register(self, methods: str | list[str], path: str, handler: Handler) -> None:
+        """Register ``handler`` for ``path``: a regex with named groups for parameters.
+
+        Groups match the raw (percent-encoded) path and are unquoted before
+        the handler sees them, so an encoded "/" stays inside its parameter.
+        """
+        route = self._by_text.get(path)
+        if route is None:
+            route = _Route(re.compile(path + "$"))
+            self._by_text[path] = route
+            self._routes.append(route)
+        for method in [methods] if isinstance(methods, str) else methods:
+            route.handlers[method.encode()] = handler
+            if method == "GET":
+                route.handlers.setdefault(b"HEAD", handler)
+
+    def _match(self, path: str) -> tuple[_Route, dict[str, str]] | None:
+        for route in self._routes:
+            m = route.pattern.match(path)
+            if m:
+                return route, {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
+        return None
+
+    def render(self, request: Request) -> int:
+        for name, value in CORS_HEADERS.items():
+            request.setHeader(name, value)
+        path = request.path.decode("utf-8", "replace")
+        found = self._match(path)
+        if request.method == b"OPTIONS":
+            # CORS pre-flight: any path answers 200 with the headers above.
+            respond_json(request, 200, {})
+            return NOT_DONE_YET
+        if found is None:
+            respond_error(request, unrecognized(404))
+            return NOT_DONE_YET
+        route, params = found
+        handler = route.handlers.get(request.method)
+        if handler is None:
+            respond_error(request, unrecognized(405))
+            return NOT_DONE_YET
+        self.tracker.started()
+        d = defer.ensureDeferred(handler(request, **params))
+        d.addCallbacks(self._on_result, self._on_failure, (request,), None, (request,))
+        d.addBoth(self._done)
+        return NOT_DONE_YET
+
+    def _done(self, _: Any) -> None:
+        self.tracker.finished()
+
+    @staticmethod
+    def _on_result(result: tuple[int, Any] | None, request: Request) -> None:
+        if result is not None:
+            status, body = result
+            respond_json(request, status, body)
+
+    @staticmethod
+    def _on_failure(failure: Failure, request: Request) -> None:
+        error = failure.value
+        if isinstance(error, MatrixError):
+            respond_error(request, error)
+            return
+        logger.error(
+            "%s %s failed",
+            request.method.decode(),
+            request.uri.decode("utf-8", "replace"),
+            exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+        )
+        respond_error(request, MatrixError("M_UNKNOWN", "Internal server error", 500))

@@ -1,0 +1,1 @@
+"""Services: what happens when someone joins, sends, syncs. Above storage, below transports."""
