@@ -205,6 +205,12 @@ class Database:
             after(*after_args)
         return result
 
+    def run_blocking(self, func: Callable[..., R], *args: Any) -> R:
+        """Run a transaction on the calling thread: for start-up, before serving."""
+        runner = self._run_sqlite if self._pg_pool is None else self._run_postgres
+        result, _ = runner(True, func, *args)
+        return result
+
     async def run_interaction(self, desc: str, func: Callable[..., R], *args: Any) -> R:
         """Run ``func(txn, *args)`` in one read-write transaction."""
         return await self._run(True, desc, func, *args)

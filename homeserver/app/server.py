@@ -50,7 +50,10 @@ def run(config: HomeserverConfig) -> int:
     Path(config["media_store_path"]).mkdir(parents=True, exist_ok=True)
     database = Database(reactor, DatabaseConfig(config.database_engine, config.database_args))
     database.open()
-    hs = HomeServer(config, reactor, database, signing_keys)
+    max_stream = database.run_blocking(
+        lambda txn: txn.execute("SELECT MAX(stream_ordering) FROM events").fetchone()[0] or 0
+    )
+    hs = HomeServer(config, reactor, database, signing_keys, max_stream)
     tracker = RequestTracker()
     ports = start_listeners(hs, reactor, tracker)
     pid_file = config.get("pid_file")

@@ -28,9 +28,13 @@ def _kept_content(event_type: str, content: dict[str, Any], rules: RedactionRule
     if event_type == "m.room.member":
         kept = keep("membership", "join_authorised_via_users_server") if v >= 9 else keep("membership")
         if v >= 11:
+            # The object stays (possibly empty), with only its "signed" key:
+            # Synapse does this, and it changes the reference hash.
             invite = content.get("third_party_invite")
-            if isinstance(invite, dict) and "signed" in invite:
-                kept["third_party_invite"] = {"signed": invite["signed"]}
+            if isinstance(invite, dict):
+                kept["third_party_invite"] = (
+                    {"signed": invite["signed"]} if "signed" in invite else {}
+                )
         return kept
     if event_type == "m.room.create":
         return dict(content) if v >= 11 else keep("creator")

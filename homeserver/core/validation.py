@@ -139,6 +139,10 @@ def check_pdu_structure(data: Any, room_version: RoomVersion) -> None:
 
     if room_version.event_id_in_pdu:
         _check_server_id("event_id", data.get("event_id"), "$", room_version)
+    elif "event_id" in data:
+        # Not part of the room 3+ format, and it would change the reference
+        # hash (redaction keeps it). Synapse drops such PDUs; so do we.
+        raise EventFormatError("room 3+ PDUs must not carry an event_id")
 
     if type(data.get("content")) is not dict:
         raise EventFormatError("content must be an object")

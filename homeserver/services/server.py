@@ -11,18 +11,32 @@ import homeserver
 from crypto.keys import ServerSigningKey
 from homeserver.config import HomeserverConfig
 from homeserver.config.loader import parse_duration_ms
+from homeserver.services.client_events import ClientEventSerializer
 from homeserver.services.clock import Clock
+from homeserver.services.events import EventCache, EventsService
+from homeserver.services.notifier import Notifier
+from homeserver.services.profiles import ProfileService
+from homeserver.services.rooms.creation import RoomCreator
+from homeserver.services.rooms.membership import MembershipService
+from homeserver.services.rooms.persister import EventPersister
+from homeserver.services.rooms.sender import RoomEventSender
+from homeserver.services.rooms.state import RoomStates
 from homeserver.services.server_keys import ServerKeys
+from homeserver.services.stream_ids import StreamIdAllocator
 from storage import Database
+from storage.events import EventsStore
 
 
 class HomeServer:
+    version = homeserver.__version__
+
     def __init__(
         self,
         config: HomeserverConfig,
         reactor: Any,
         database: Database,
         signing_keys: list[ServerSigningKey],
+        max_stream_ordering: int = 0,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -36,8 +50,29 @@ class HomeServer:
             parse_duration_ms(config["key_refresh_interval"]),
             self.clock,
         )
+        # Events and rooms
+        self.events_store = EventsStore(database)
+        self.event_cache = EventCache()
+        self.events = EventsService(self.events_store, self.event_cache)
+        self.stream_ids = StreamIdAllocator(max_stream_ordering)
+        self.notifier = Notifier(self.clock, max_stream_ordering)
+        self.room_states = RoomStates(self.events_store)
+        self.persister = EventPersister(self.events_store)
+        self.persister.on_persisted.append(self._on_persisted)
+        self.persister.on_failed.append(self._on_persist_failed)
+        self.room_sender = RoomEventSender(self)
+        self.room_creator = RoomCreator(self)
+        self.membership = MembershipService(self)
+        self.profiles = ProfileService(self)
+        self.client_events = ClientEventSerializer(self.clock)
 
-    version = homeserver.__version__
+    def _on_persisted(self, items: list[Any]) -> None:
+        self.stream_ids.mark_persisted(items[-1].stream_ordering)
+        self.notifier.on_persisted(items)
+
+    def _on_persist_failed(self, room_ids: set[str]) -> None:
+        for room_id in room_ids:
+            self.room_states.invalidate(room_id)
 
     @property
     def federation_server_address(self) -> str:

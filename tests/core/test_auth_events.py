@@ -140,7 +140,9 @@ def test_matches_synapse(rv, event_type, sender, target, content):
 
     data = {"type": event_type, "sender": sender, "content": content, "room_id": "!r:hs",
             "state_key": target, "prev_events": [], "auth_events": [], "depth": 1,
-            "origin_server_ts": 0, "hashes": {}, "signatures": {}, "event_id": "$e:hs"}
+            "origin_server_ts": 0, "hashes": {}, "signatures": {}}
+    if rv.event_id_in_pdu:
+        data["event_id"] = "$e:hs"
     synapse_rv = SYNAPSE_VERSIONS[rv.identifier]
     theirs = set(auth_types_for_event(synapse_rv, make_event_from_dict(data, synapse_rv)))
     ours = set(auth_state_keys(rv, event_type, sender, target, content))

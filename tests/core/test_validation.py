@@ -202,6 +202,17 @@ def test_room12_create_has_no_room_id():
         check_pdu_format(msg, rv)
 
 
+@pytest.mark.parametrize("rv", ALL, ids=_ids)
+def test_event_id_only_in_rooms_1_2(rv):
+    data = good(rv)
+    data["event_id"] = "$x:hs"
+    if rv.event_id_in_pdu:
+        check_pdu_format(data, rv)
+    else:
+        with pytest.raises(EventFormatError, match="event_id"):
+            check_pdu_format(data, rv)
+
+
 def test_redacts_type_pre_v11():
     data = good(V["10"])
     data.update(type="m.room.redaction", redacts=5)

@@ -84,6 +84,10 @@ class ChainIndex:
         except KeyError:
             raise UnindexedEventError(event_id) from None
 
+    def state_key_of(self, event_id: str) -> StateKey:
+        """The (type, state_key) of an indexed event, shared by its whole chain."""
+        return self._chain_key[self.position(event_id)[0]]
+
     def add_event(
         self, event_id: str, state_key: StateKey, auth_event_ids: Iterable[str]
     ) -> ChainEntry:
@@ -247,7 +251,7 @@ class ChainIndex:
             self._reverse_dirty.discard(chain_id)
         return links, [link[0] for link in links]
 
-    def _between(self, event_ids: Iterable[str]) -> tuple[Reach, Reach]:
+    def _between(self, event_ids: Collection[str]) -> tuple[Reach, Reach]:
         """Per-chain seq ranges [low, high] of events on a path between two
         given events (endpoints included): reached from one, reaching one."""
         starts = self._starts(event_ids)
@@ -272,51 +276,3 @@ class ChainIndex:
         """Room 12's conflicted state subgraph of the given conflicted events."""
         low, high = self._between(event_ids)
         return {e for c, s in low.items() for e in self._events_in(c, s, high[c])}
-
-    def auth_dag(self, event_ids: Collection[str]) -> dict[str, set[str]]:
-        """For each given event, the given events in its auth chain that are
-        not reached through another given event: the auth DAG among them.
-
-        Paths through events outside the set count, so this is the order the
-        full auth DAG induces on the set, kept small for Kahn's algorithm.
-        """
-        ids = list(dict.fromkeys(event_ids))
-        bit_of = {self.position(e): i for i, e in enumerate(ids)}
-        low, _ = self._between(ids)
-        memo: dict[Position, int] = {}
-
-        def successors(position: Position) -> list[Position]:
-            chain_id, seq = position
-            out = []
-            if seq - 1 >= low.get(chain_id, seq):
-                out.append((chain_id, seq - 1))
-            seqs = self._link_seqs.get(chain_id, ())
-            chain_links = self._links.get(chain_id, ())
-            for i in range(bisect_left(seqs, seq), bisect_right(seqs, seq)):
-                _, target, target_seq = chain_links[i]
-                if target in low and target_seq >= low[target]:
-                    out.append((target, target_seq))
-            return out
-
-        for start in bit_of:
-            stack = [start]
-            while stack:
-                position = stack[-1]
-                if position in memo:
-                    stack.pop()
-                    continue
-                nexts = successors(position)
-                pending = [p for p in nexts if p not in bit_of and p not in memo]
-                if pending:
-                    stack.extend(pending)
-                    continue
-                bits = 0
-                for p in nexts:
-                    bits |= 1 << bit_of[p] if p in bit_of else memo[p]
-                memo[position] = bits
-                stack.pop()
-        result = {}
-        for event_id in ids:
-            bits = memo[self._position[event_id]]
-            result[event_id] = {ids[i] for i in range(bits.bit_length()) if bits >> i & 1}
-        return result

@@ -55,9 +55,3 @@ def conflicted_subgraph(conflicted: Collection[str], auth_graph: AuthGraph) -> s
         return reaches[event_id]
 
     return {e for e in below if reaches_conflicted(e)}
-
-
-def ancestors_within(event_ids: Collection[str], auth_graph: AuthGraph) -> dict[str, set[str]]:
-    """For each event, the given events in its auth chain (full transitive set)."""
-    wanted = set(event_ids)
-    return {e: auth_chain([e], auth_graph) & wanted for e in wanted}

@@ -1,0 +1,1 @@
+"""Rooms: in-memory room state, building and persisting events, creation, membership."""

@@ -1,0 +1,69 @@
+"""Batched, durable event persistence.
+
+Events are queued as they are built and written in one transaction per
+batch; each sender's request completes only once its event has committed.
+While one batch is being written, the next accumulates, so concurrent senders
+share transactions instead of queueing for the writer one by one.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+
+from storage.events import EventsStore, EventToPersist
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 200
+
+
+class EventPersister:
+    def __init__(self, store: EventsStore) -> None:
+        self._store = store
+        self._queue: list[tuple[EventToPersist, defer.Deferred[None]]] = []
+        self._running = False
+        # Called with each committed batch, in stream order, on the reactor.
+        self.on_persisted: list[Callable[[list[EventToPersist]], Any]] = []
+        # Called with the room ids of a failed batch so their caches reload.
+        self.on_failed: list[Callable[[set[str]], Any]] = []
+
+    def persist(self, item: EventToPersist) -> "defer.Deferred[None]":
+        d: defer.Deferred[None] = defer.Deferred()
+        self._queue.append((item, d))
+        if not self._running:
+            self._running = True
+            defer.ensureDeferred(self._drain())
+        return d
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                items = [item for item, _ in batch]
+                try:
+                    await self._store.persist_events(items)
+                except Exception as e:
+                    self._fail(batch, e)
+                    continue
+                for callback in self.on_persisted:
+                    try:
+                        callback(items)
+                    except Exception:
+                        logger.exception("after-persist hook failed")
+                for _, d in batch:
+                    d.callback(None)
+        finally:
+            self._running = False
+
+    def _fail(self, batch: list[tuple[EventToPersist, defer.Deferred[None]]], error: Exception) -> None:
+        """A failed batch fails its events and every queued event built on them."""
+        logger.error("persisting %d events failed: %r", len(batch), error)
+        rooms = {item.pdu.room_id for item, _ in batch}
+        dependent = [(i, d) for i, d in self._queue if i.pdu.room_id in rooms]
+        self._queue = [(i, d) for i, d in self._queue if i.pdu.room_id not in rooms]
+        for callback in self.on_failed:
+            callback(rooms)
+        for _, d in batch + dependent:
+            d.errback(error)

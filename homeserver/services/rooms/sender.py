@@ -1,0 +1,221 @@
+"""Building, authorising and persisting events of our own users.
+
+``build`` is synchronous: it reads the room's in-memory state, builds and
+signs the PDU, runs the auth rules and moves the in-memory state on. Nothing
+can interleave with it on the reactor thread, so two concurrent sends in one
+room always chain (the second's prev_event is the first). Persisting is then
+queued; ``send`` returns once the event is durable.
+"""
+
+from collections import OrderedDict
+from typing import Any
+
+from twisted.internet import defer
+
+from homeserver.core.auth import AuthError, check_auth_rules
+from homeserver.core.auth_events import auth_state_keys
+from homeserver.core.builder import build_event, reference_hash_b64
+from homeserver.core.events import CREATE, Pdu
+from homeserver.core.room_versions import RoomVersion
+from homeserver.core.validation import EventFormatError
+from homeserver.errors import MatrixError
+from homeserver.services.rooms.state import RoomState
+from storage.events import SNAPSHOT_INTERVAL, EventToPersist
+
+TXN_CACHE_SIZE = 10_000
+
+
+def relation_of(content: dict[str, Any]) -> tuple[str | None, str | None]:
+    relates = content.get("m.relates_to")
+    if isinstance(relates, dict):
+        event_id, rel_type = relates.get("event_id"), relates.get("rel_type")
+        if isinstance(event_id, str) and isinstance(rel_type, str):
+            return event_id, rel_type
+    return None, None
+
+
+class RoomEventSender:
+    def __init__(self, hs: Any) -> None:
+        self.hs = hs
+        self._txns: OrderedDict[tuple[str, str | None, str], str] = OrderedDict()
+        # Requests waiting on a send with the same transaction id still in flight.
+        self._pending_txns: dict[tuple[str, str | None, str], list[defer.Deferred[Pdu | None]]] = {}
+
+    # --- building ----------------------------------------------------------------
+    def _reference_hash(self, room: RoomState, event_id: str) -> str:
+        pdu = self.hs.event_cache.get(event_id)
+        if pdu is None:
+            raise MatrixError("M_UNKNOWN", f"event {event_id} not in cache", 500)
+        return reference_hash_b64(pdu)
+
+    def build(
+        self,
+        room: RoomState,
+        sender: str,
+        event_type: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        redacts: str | None = None,
+        device_id: str | None = None,
+        txn_id: str | None = None,
+    ) -> EventToPersist:
+        """Build, sign and authorise an event and advance the room's state."""
+        version = room.room_version
+        state_map = room.state
+        auth_keys = auth_state_keys(version, event_type, sender, state_key, content)
+        auth_ids = [state_map[k].event_id for k in auth_keys if k in state_map]
+        try:
+            pdu = build_event(
+                version,
+                server_name=self.hs.server_name,
+                signing_key=self.hs.server_keys.signing_key,
+                event_type=event_type,
+                sender=sender,
+                content=content,
+                room_id=room.room_id,
+                prev_events=room.extremities,
+                auth_events=auth_ids,
+                depth=room.depth + 1,
+                origin_server_ts=self.hs.clock.time_msec(),
+                state_key=state_key,
+                redacts=redacts,
+                reference_hashes=(lambda e: self._reference_hash(room, e))
+                if version.event_id_in_pdu else None,
+            )
+        except EventFormatError as e:
+            raise MatrixError("M_TOO_LARGE" if "65" in str(e) else "M_BAD_JSON", str(e)) from e
+        auth_events = {k: state_map[k] for k in auth_keys if k in state_map}
+        if not version.create_event_in_auth_events:
+            auth_events[(CREATE, "")] = room.create_event
+        try:
+            check_auth_rules(pdu, auth_events)
+        except AuthError as e:
+            raise MatrixError("M_FORBIDDEN", str(e)) from e
+        return self._advance(room, pdu, device_id, txn_id)
+
+    def build_create_event(
+        self, version: RoomVersion, sender: str, content: dict[str, Any], room_id: str | None
+    ) -> tuple[RoomState, EventToPersist]:
+        """The first event of a new room, and the new room's in-memory state."""
+        pdu = build_event(
+            version,
+            server_name=self.hs.server_name,
+            signing_key=self.hs.server_keys.signing_key,
+            event_type=CREATE,
+            sender=sender,
+            content=content,
+            room_id=room_id,
+            prev_events=[],
+            auth_events=[],
+            depth=1,
+            origin_server_ts=self.hs.clock.time_msec(),
+            state_key="",
+        )
+        try:
+            check_auth_rules(pdu, {})
+        except AuthError as e:
+            raise MatrixError("M_BAD_JSON", str(e)) from e
+        room = RoomState(pdu.room_id, version)
+        return room, self._advance(room, pdu, None, None)
+
+    def _advance(
+        self, room: RoomState, pdu: Pdu, device_id: str | None, txn_id: str | None
+    ) -> EventToPersist:
+        stream = self.hs.stream_ids.next()
+        prev_group, prev_length = room.state_group, room.chain_length
+        state_after = None
+        if pdu.is_state:
+            room.apply_state(pdu)
+            if prev_group is None or prev_length + 1 >= SNAPSHOT_INTERVAL:
+                state_after = room.state_ids()
+                room.chain_length = 0
+            else:
+                room.chain_length = prev_length + 1
+            room.state_group = stream
+        room.extremities = [pdu.event_id]
+        room.depth = pdu.depth
+        self.hs.event_cache.put(pdu)
+        relates_to, rel_type = relation_of(pdu.content)
+        return EventToPersist(
+            pdu=pdu,
+            stream_ordering=stream,
+            state_group=room.state_group,
+            prev_state_group=prev_group,
+            prev_chain_length=prev_length,
+            state_after=state_after,
+            device_id=device_id,
+            txn_id=txn_id,
+            relates_to_id=relates_to,
+            relation_type=rel_type,
+        )
+
+    # --- sending -------------------------------------------------------------------
+    async def get_room(self, room_id: str) -> RoomState:
+        room = await self.hs.room_states.get(room_id)
+        if room is None:
+            raise MatrixError("M_NOT_FOUND", f"Unknown room {room_id}")
+        return room
+
+    async def send(
+        self,
+        sender: str,
+        room_id: str,
+        event_type: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        redacts: str | None = None,
+        device_id: str | None = None,
+        txn_id: str | None = None,
+    ) -> Pdu:
+        """Send an event as a local user; returns it once it is durable.
+
+        With ``txn_id``, a retry of the same (sender, device, txn_id) returns
+        the first event instead of sending a second.
+        """
+        if txn_id is None:
+            room = await self.get_room(room_id)
+            item = self.build(room, sender, event_type, content, state_key, redacts, device_id)
+            await self.hs.persister.persist(item)
+            return item.pdu
+        key = (sender, device_id, txn_id)
+        waiters = self._pending_txns.get(key)
+        if waiters is not None:  # the same transaction is in flight: share its result
+            waiter: defer.Deferred[Pdu | None] = defer.Deferred()
+            waiters.append(waiter)
+            pdu = await waiter
+            if pdu is not None:
+                return pdu
+            # It failed; try again as if this were the first attempt.
+            return await self.send(sender, room_id, event_type, content, state_key, redacts,
+                                   device_id, txn_id)
+        # Claim the transaction id before the first await, so a concurrent
+        # retry waits for this attempt instead of racing it.
+        self._pending_txns[key] = []
+        pdu = None
+        try:
+            pdu = await self._previous_send(key)
+            if pdu is None:
+                room = await self.get_room(room_id)
+                item = self.build(room, sender, event_type, content, state_key, redacts,
+                                  device_id, txn_id)
+                await self.hs.persister.persist(item)
+                pdu = item.pdu
+                self._remember_txn(key, pdu.event_id)
+        finally:
+            for waiter in self._pending_txns.pop(key, []):
+                waiter.callback(pdu)
+        return pdu
+
+    async def _previous_send(self, key: tuple[str, str | None, str]) -> Pdu | None:
+        """The event an earlier request with this transaction id sent, if any."""
+        event_id = self._txns.get(key)
+        if event_id is None:
+            event_id = await self.hs.events_store.get_event_id_for_txn(*key)
+        if event_id is None:
+            return None
+        return await self.hs.events.get_event(event_id)
+
+    def _remember_txn(self, key: tuple[str, str | None, str], event_id: str) -> None:
+        self._txns[key] = event_id
+        if len(self._txns) > TXN_CACHE_SIZE:
+            self._txns.popitem(last=False)

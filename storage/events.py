@@ -1,0 +1,284 @@
+"""Persisting and reading events, state groups and room membership.
+
+An event's state group is the state after it. A state event starts a new
+group whose id is the event's stream ordering and which stores only the
+delta from the group before it (a full snapshot every SNAPSHOT_INTERVAL links,
+so reading a group never walks a long chain). A non-state event shares the
+group of the state before it.
+"""
+
+import json
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+from homeserver.core.events import CREATE, MEMBER, Pdu, StateKey
+from homeserver.core.room_versions import get_room_version
+from storage.database import Database, Txn
+
+SNAPSHOT_INTERVAL = 50
+
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+@attrs.define(slots=True)
+class EventToPersist:
+    """One event and where it sits in the room, decided by the room service."""
+
+    pdu: Pdu
+    stream_ordering: int
+    state_group: int  # the state after this event
+    prev_state_group: int | None  # the state before it (None for the create event)
+    prev_chain_length: int  # chain length of prev_state_group
+    # For a state event: the full state after it, written when a snapshot is due.
+    state_after: dict[StateKey, str] | None = None
+    device_id: str | None = None
+    txn_id: str | None = None
+    relates_to_id: str | None = None
+    relation_type: str | None = None
+    room_kind: str | None = None  # create events only: e.g. "dm"
+
+
+@attrs.frozen
+class RoomRecord:
+    room_id: str
+    room_version: str
+    current_state: dict[StateKey, str]
+    forward_extremities: list[str]
+    max_depth: int
+    state_group: int  # the group of the room's current state
+    state_group_chain_length: int
+    kind: str | None
+
+
+def encode_pdu(pdu: Pdu) -> str:
+    return _json_encoder.encode(pdu.data)
+
+
+class EventsStore:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    # --- writing -------------------------------------------------------------
+    async def persist_events(self, events: Sequence[EventToPersist]) -> None:
+        """Write a batch of events in one transaction (all or nothing)."""
+        await self.db.run_interaction("persist_events", self._persist_txn, events)
+
+    def _persist_txn(self, txn: Txn, events: Sequence[EventToPersist]) -> None:
+        event_rows = []
+        for e in events:
+            pdu = e.pdu
+            event_rows.append((
+                e.stream_ordering, pdu.event_id, pdu.room_id, pdu.type, pdu.state_key, pdu.sender,
+                pdu.depth, pdu.origin_server_ts, e.state_group, encode_pdu(pdu), e.device_id,
+                e.txn_id, e.relates_to_id, e.relation_type,
+            ))
+        txn.executemany(
+            "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender,"
+            " depth, origin_server_ts, state_group, json, device_id, txn_id, relates_to_id,"
+            " relation_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            event_rows,
+        )
+        for e in events:
+            pdu = e.pdu
+            if pdu.type == CREATE and pdu.state_key == "":
+                txn.execute(
+                    "INSERT INTO rooms (room_id, room_version, creator, created_ts, kind)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (pdu.room_id, pdu.room_version.identifier, pdu.sender, pdu.origin_server_ts,
+                     e.room_kind),
+                )
+            if pdu.is_state:
+                self._persist_state_txn(txn, e)
+            # The new event replaces its prev_events as the room's extremity.
+            prevs = pdu.prev_event_ids
+            if prevs:
+                txn.executemany(
+                    "DELETE FROM forward_extremities WHERE room_id = ? AND event_id = ?",
+                    [(pdu.room_id, p) for p in prevs],
+                )
+            txn.execute(
+                "INSERT INTO forward_extremities (room_id, event_id) VALUES (?, ?)",
+                (pdu.room_id, pdu.event_id),
+            )
+
+    def _persist_state_txn(self, txn: Txn, e: EventToPersist) -> None:
+        pdu = e.pdu
+        snapshot = e.prev_state_group is None or e.prev_chain_length + 1 >= SNAPSHOT_INTERVAL
+        if snapshot:
+            assert e.state_after is not None, "a snapshot needs the full state"
+            entries: Iterable[tuple[StateKey, str]] = e.state_after.items()
+            prev_group, chain_length = None, 0
+        else:
+            entries = [((pdu.type, pdu.state_key), pdu.event_id)]
+            prev_group, chain_length = e.prev_state_group, e.prev_chain_length + 1
+        txn.execute(
+            "INSERT INTO state_groups (id, room_id, prev_group, chain_length) VALUES (?, ?, ?, ?)",
+            (e.state_group, pdu.room_id, prev_group, chain_length),
+        )
+        txn.executemany(
+            "INSERT INTO state_group_entries (state_group, type, state_key, event_id)"
+            " VALUES (?, ?, ?, ?)",
+            [(e.state_group, t, sk, eid) for (t, sk), eid in entries],
+        )
+        txn.execute(
+            "INSERT INTO current_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id",
+            (pdu.room_id, pdu.type, pdu.state_key, pdu.event_id),
+        )
+        if pdu.type == MEMBER:
+            txn.execute(
+                "INSERT INTO room_memberships (room_id, user_id, membership, event_id,"
+                " stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, FALSE)"
+                " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,"
+                " event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,"
+                " forgotten = FALSE",
+                (pdu.room_id, pdu.state_key, pdu.membership, pdu.event_id, e.stream_ordering),
+            )
+
+    # --- reading -------------------------------------------------------------
+    async def get_max_stream_ordering(self) -> int:
+        rows = await self.db.select("max_stream", "SELECT MAX(stream_ordering) FROM events")
+        return rows[0][0] or 0
+
+    async def get_events(self, event_ids: Iterable[str]) -> dict[str, Pdu]:
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return {}
+        return await self.db.run_read("get_events", self._get_events_txn, ids)
+
+    def _get_events_txn(self, txn: Txn, event_ids: list[str]) -> dict[str, Pdu]:
+        found: dict[str, Pdu] = {}
+        for i in range(0, len(event_ids), 500):
+            chunk = event_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            txn.execute(
+                "SELECT e.event_id, e.json, r.room_version FROM events e"
+                " JOIN rooms r USING (room_id)"
+                f" WHERE e.event_id IN ({marks})",
+                chunk,
+            )
+            for event_id, data, version in txn.fetchall():
+                found[event_id] = Pdu(get_room_version(version), event_id, json.loads(data))
+        return found
+
+    async def load_room(self, room_id: str) -> RoomRecord | None:
+        return await self.db.run_read("load_room", self._load_room_txn, room_id)
+
+    def _load_room_txn(self, txn: Txn, room_id: str) -> RoomRecord | None:
+        row = txn.execute(
+            "SELECT room_version, kind FROM rooms WHERE room_id = ?", (room_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        state = {
+            (t, sk): eid
+            for t, sk, eid in txn.execute(
+                "SELECT type, state_key, event_id FROM current_state WHERE room_id = ?", (room_id,)
+            ).fetchall()
+        }
+        extremities = [
+            r[0]
+            for r in txn.execute(
+                "SELECT event_id FROM forward_extremities WHERE room_id = ? ORDER BY event_id",
+                (room_id,),
+            ).fetchall()
+        ]
+        depth, group = txn.execute(
+            "SELECT depth, state_group FROM events WHERE room_id = ?"
+            " ORDER BY stream_ordering DESC LIMIT 1",
+            (room_id,),
+        ).fetchone()
+        max_depth = txn.execute(
+            "SELECT MAX(depth) FROM events WHERE room_id = ?", (room_id,)
+        ).fetchone()[0]
+        (chain_length,) = txn.execute(
+            "SELECT chain_length FROM state_groups WHERE id = ?", (group,)
+        ).fetchone()
+        return RoomRecord(
+            room_id, row[0], state, extremities, max_depth, group, chain_length, row[1]
+        )
+
+    async def get_state_group(self, group: int) -> dict[StateKey, str]:
+        return await self.db.run_read("get_state_group", self._state_group_txn, group)
+
+    def _state_group_txn(self, txn: Txn, group: int) -> dict[StateKey, str]:
+        chain: list[int] = []
+        current: int | None = group
+        while current is not None:
+            chain.append(current)
+            row = txn.execute(
+                "SELECT prev_group FROM state_groups WHERE id = ?", (current,)
+            ).fetchone()
+            current = row[0] if row else None
+        state: dict[StateKey, str] = {}
+        for g in reversed(chain):  # oldest (the snapshot) first, newer deltas win
+            for t, sk, eid in txn.execute(
+                "SELECT type, state_key, event_id FROM state_group_entries WHERE state_group = ?",
+                (g,),
+            ).fetchall():
+                state[(t, sk)] = eid
+        return state
+
+    async def get_room_version_id(self, room_id: str) -> str | None:
+        rows = await self.db.select(
+            "room_version", "SELECT room_version FROM rooms WHERE room_id = ?", (room_id,)
+        )
+        return rows[0][0] if rows else None
+
+    async def get_rooms_for_user(self, user_id: str, membership: str = "join") -> list[str]:
+        rows = await self.db.select(
+            "rooms_for_user",
+            "SELECT room_id FROM room_memberships WHERE user_id = ? AND membership = ?",
+            (user_id, membership),
+        )
+        return [r[0] for r in rows]
+
+    async def get_memberships_for_user(self, user_id: str) -> dict[str, tuple[str, bool]]:
+        rows = await self.db.select(
+            "memberships_for_user",
+            "SELECT room_id, membership, forgotten FROM room_memberships WHERE user_id = ?",
+            (user_id,),
+        )
+        return {room_id: (membership, bool(forgotten)) for room_id, membership, forgotten in rows}
+
+    async def forget_room(self, user_id: str, room_id: str) -> None:
+        await self.db.run_interaction(
+            "forget_room",
+            lambda txn: txn.execute(
+                "UPDATE room_memberships SET forgotten = TRUE WHERE user_id = ? AND room_id = ?",
+                (user_id, room_id),
+            ),
+        )
+
+    async def get_membership_events_before(
+        self, room_id: str, stream_ordering: int
+    ) -> list[str]:
+        """Event ids of each user's latest member event at or before a stream position."""
+        rows = await self.db.select(
+            "members_at",
+            "SELECT e.event_id FROM events e JOIN ("
+            "  SELECT state_key, MAX(stream_ordering) AS so FROM events"
+            "  WHERE room_id = ? AND type = 'm.room.member' AND stream_ordering <= ?"
+            "  AND outlier = FALSE AND rejected_reason IS NULL GROUP BY state_key"
+            ") latest ON e.stream_ordering = latest.so",
+            (room_id, stream_ordering),
+        )
+        return [r[0] for r in rows]
+
+    async def get_event_id_for_txn(
+        self, sender: str, device_id: str | None, txn_id: str
+    ) -> str | None:
+        rows = await self.db.select(
+            "event_for_txn",
+            "SELECT event_id FROM events WHERE sender = ? AND COALESCE(device_id, '') = COALESCE(?, '')"
+            " AND txn_id = ?",
+            (sender, device_id, txn_id),
+        )
+        return rows[0][0] if rows else None
+
+    async def get_event_state_group(self, event_id: str) -> int | None:
+        rows = await self.db.select(
+            "event_state_group", "SELECT state_group FROM events WHERE event_id = ?", (event_id,)
+        )
+        return rows[0][0] if rows else None
