@@ -162,8 +162,15 @@ def parse_authorization(header: str) -> XMatrixAuthorization:
     # The spec's parameter list says "signature" though every implementation
     # sends "sig"; accept the former only as a fallback.
     signature = params.get("sig", params.get("signature"))
-    missing = [n for n, v in (("origin", params.get("origin")), ("key", params.get("key")),
-                              ("sig", signature)) if not v]
+    missing = [
+        n
+        for n, v in (
+            ("origin", params.get("origin")),
+            ("key", params.get("key")),
+            ("sig", signature),
+        )
+        if not v
+    ]
     if missing:
         raise XMatrixHeaderError("missing " + ", ".join(missing))
     # The origin becomes a key lookup (and maybe an HTTP request): refuse junk.

@@ -50,6 +50,7 @@ ERRCODES: dict[str, int] = {
     "M_UNKNOWN_POS": 400,
     "M_URL_NOT_SET": 404,
     "M_DUPLICATE_ANNOTATION": 400,
+    "M_BAD_ALIAS": 400,
 }
 
 

@@ -37,8 +37,19 @@ class UserRecord:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> "UserRecord":
         return cls(
-            row[0], row[1], int(row[2]), bool(row[3]), bool(row[4]), bool(row[5]),
-            bool(row[6]), bool(row[7]), bool(row[8]), row[9], row[10], row[11], row[12],
+            row[0],
+            row[1],
+            int(row[2]),
+            bool(row[3]),
+            bool(row[4]),
+            bool(row[5]),
+            bool(row[6]),
+            bool(row[7]),
+            bool(row[8]),
+            row[9],
+            row[10],
+            row[11],
+            row[12],
         )
 
 
@@ -160,23 +171,50 @@ class AccountStore:
         ``ui_auth_session`` is deleted.
         """
         return await self.db.run_interaction(
-            "create_user", self._create_user_txn, user_id, now_ms, password_hash, is_admin,
-            is_guest, user_type, appservice_id, displayname, login, registration_token,
+            "create_user",
+            self._create_user_txn,
+            user_id,
+            now_ms,
+            password_hash,
+            is_admin,
+            is_guest,
+            user_type,
+            appservice_id,
+            displayname,
+            login,
+            registration_token,
             ui_auth_session,
         )
 
     def _create_user_txn(
-        self, txn: Txn, user_id: str, now_ms: int, password_hash: str | None, is_admin: bool,
-        is_guest: bool, user_type: str | None, appservice_id: str | None,
-        displayname: str | None, login: NewLogin | None, registration_token: str | None,
+        self,
+        txn: Txn,
+        user_id: str,
+        now_ms: int,
+        password_hash: str | None,
+        is_admin: bool,
+        is_guest: bool,
+        user_type: str | None,
+        appservice_id: str | None,
+        displayname: str | None,
+        login: NewLogin | None,
+        registration_token: str | None,
         ui_auth_session: str | None,
     ) -> bool:
         txn.execute(
             "INSERT INTO users (user_id, password_hash, created_ts, is_admin, is_guest,"
             " user_type, appservice_id, displayname) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (user_id) DO NOTHING",
-            (user_id, password_hash, now_ms, is_admin, is_guest, user_type, appservice_id,
-             displayname),
+            (
+                user_id,
+                password_hash,
+                now_ms,
+                is_admin,
+                is_guest,
+                user_type,
+                appservice_id,
+                displayname,
+            ),
         )
         if txn.rowcount != 1:
             return False
@@ -247,9 +285,12 @@ class AccountStore:
                 " erased = (erased OR ?) WHERE user_id = ?",
                 (True, erase, user_id),
             )
-            devices = [r[0] for r in txn.execute(
-                "SELECT device_id FROM devices WHERE user_id = ?", (user_id,)
-            ).fetchall()]
+            devices = [
+                r[0]
+                for r in txn.execute(
+                    "SELECT device_id FROM devices WHERE user_id = ?", (user_id,)
+                ).fetchall()
+            ]
             txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM login_tokens WHERE user_id = ?", (user_id,))
@@ -265,8 +306,15 @@ class AccountStore:
             " ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen_ts = excluded.last_seen_ts,"
             " last_seen_ip = excluded.last_seen_ip,"
             " last_seen_user_agent = excluded.last_seen_user_agent",
-            (user_id, login.device_id, login.display_name, now_ms, now_ms, login.ip,
-             login.user_agent),
+            (
+                user_id,
+                login.device_id,
+                login.display_name,
+                now_ms,
+                now_ms,
+                login.ip,
+                login.user_agent,
+            ),
         )
         txn.execute(
             "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts)"
@@ -367,9 +415,13 @@ class AccountStore:
         """Delete every device but one and every access token but one; returns deleted devices."""
 
         def txn_fn(txn: Txn) -> list[str]:
-            devices = [r[0] for r in txn.execute(
-                "SELECT device_id FROM devices WHERE user_id = ?", (user_id,)
-            ).fetchall() if r[0] != keep_device_id]
+            devices = [
+                r[0]
+                for r in txn.execute(
+                    "SELECT device_id FROM devices WHERE user_id = ?", (user_id,)
+                ).fetchall()
+                if r[0] != keep_device_id
+            ]
             if devices:
                 txn.execute(
                     f"DELETE FROM devices WHERE user_id = ? AND device_id IN {_in_list(len(devices))}",
@@ -496,8 +548,14 @@ class AccountStore:
             lambda txn: txn.execute(
                 "INSERT INTO ui_auth_sessions (session_id, operation, user_id, created_ts,"
                 " completed, data) VALUES (?, ?, ?, ?, ?, ?)",
-                (session.session_id, session.operation, session.user_id, session.created_ts,
-                 _encode(session.completed), _encode(session.data)),
+                (
+                    session.session_id,
+                    session.operation,
+                    session.user_id,
+                    session.created_ts,
+                    _encode(session.completed),
+                    _encode(session.data),
+                ),
             ),
         )
 

@@ -9,6 +9,7 @@ group of the state before it.
 
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 
@@ -17,6 +18,8 @@ from homeserver.core.room_versions import get_room_version
 from storage.database import Database, Txn
 
 SNAPSHOT_INTERVAL = 50
+# How many of a room's latest events its in-memory state keeps (for /sync).
+RECENT_EVENTS = 100
 
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -37,6 +40,8 @@ class EventToPersist:
     relates_to_id: str | None = None
     relation_type: str | None = None
     room_kind: str | None = None  # create events only: e.g. "dm"
+    # For an m.room.redaction that takes effect: the event it redacts.
+    redacted_target: Pdu | None = None
 
 
 @attrs.frozen
@@ -49,6 +54,8 @@ class RoomRecord:
     state_group: int  # the group of the room's current state
     state_group_chain_length: int
     kind: str | None
+    # The latest events, oldest first: (stream_ordering, event_id, state_group).
+    recent: list[tuple[int, str, int]]
 
 
 def encode_pdu(pdu: Pdu) -> str:
@@ -90,6 +97,15 @@ class EventsStore:
                 )
             if pdu.is_state:
                 self._persist_state_txn(txn, e)
+            if e.redacted_target is not None:
+                # The original content is never served again: the stored JSON
+                # becomes the redacted event (still valid: signatures and the
+                # reference hash cover the redacted form).
+                target = e.redacted_target
+                txn.execute(
+                    "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ?",
+                    (_json_encoder.encode(target.redacted().data), pdu.event_id, target.event_id),
+                )
             # The new event replaces its prev_events as the room's extremity.
             prevs = pdu.prev_event_ids
             if prevs:
@@ -142,25 +158,38 @@ class EventsStore:
         return rows[0][0] or 0
 
     async def get_events(self, event_ids: Iterable[str]) -> dict[str, Pdu]:
+        return (await self.get_events_with_txn_ids(event_ids))[0]
+
+    async def get_events_with_txn_ids(
+        self, event_ids: Iterable[str]
+    ) -> tuple[dict[str, Pdu], dict[str, tuple[str, str]]]:
+        """The events, and (device_id, txn_id) of those sent with a transaction id."""
         ids = list(dict.fromkeys(event_ids))
         if not ids:
-            return {}
+            return {}, {}
         return await self.db.run_read("get_events", self._get_events_txn, ids)
 
-    def _get_events_txn(self, txn: Txn, event_ids: list[str]) -> dict[str, Pdu]:
+    def _get_events_txn(
+        self, txn: Txn, event_ids: list[str]
+    ) -> tuple[dict[str, Pdu], dict[str, tuple[str, str]]]:
         found: dict[str, Pdu] = {}
+        txn_ids: dict[str, tuple[str, str]] = {}
         for i in range(0, len(event_ids), 500):
             chunk = event_ids[i : i + 500]
             marks = ",".join("?" * len(chunk))
             txn.execute(
-                "SELECT e.event_id, e.json, r.room_version FROM events e"
+                "SELECT e.event_id, e.json, r.room_version, e.redacted_by, e.device_id, e.txn_id"
+                " FROM events e"
                 " JOIN rooms r USING (room_id)"
                 f" WHERE e.event_id IN ({marks})",
                 chunk,
             )
-            for event_id, data, version in txn.fetchall():
-                found[event_id] = Pdu(get_room_version(version), event_id, json.loads(data))
-        return found
+            for event_id, data, version, redacted_by, device_id, txn_id in txn.fetchall():
+                pdu = Pdu(get_room_version(version), event_id, json.loads(data))
+                found[event_id] = pdu.with_redacted_because(redacted_by) if redacted_by else pdu
+                if txn_id is not None:
+                    txn_ids[event_id] = (device_id, txn_id)
+        return found, txn_ids
 
     async def load_room(self, room_id: str) -> RoomRecord | None:
         return await self.db.run_read("load_room", self._load_room_txn, room_id)
@@ -195,8 +224,15 @@ class EventsStore:
         (chain_length,) = txn.execute(
             "SELECT chain_length FROM state_groups WHERE id = ?", (group,)
         ).fetchone()
+        recent = txn.execute(
+            "SELECT stream_ordering, event_id, state_group FROM events WHERE room_id = ?"
+            " AND outlier = FALSE AND rejected_reason IS NULL"
+            " ORDER BY stream_ordering DESC LIMIT ?",
+            (room_id, RECENT_EVENTS),
+        ).fetchall()
         return RoomRecord(
-            room_id, row[0], state, extremities, max_depth, group, chain_length, row[1]
+            room_id, row[0], state, extremities, max_depth, group, chain_length, row[1],
+            [tuple(r) for r in reversed(recent)],
         )
 
     async def get_state_group(self, group: int) -> dict[StateKey, str]:
@@ -282,3 +318,87 @@ class EventsStore:
             "event_state_group", "SELECT state_group FROM events WHERE event_id = ?", (event_id,)
         )
         return rows[0][0] if rows else None
+
+    async def get_state_group_delta(
+        self, group: int
+    ) -> tuple[int | None, dict[StateKey, str]] | None:
+        """(prev_group, entries) of one state group; None if it does not exist."""
+        return await self.db.run_read("state_group_delta", self._state_group_delta_txn, group)
+
+    def _state_group_delta_txn(
+        self, txn: Txn, group: int
+    ) -> tuple[int | None, dict[StateKey, str]] | None:
+        row = txn.execute("SELECT prev_group FROM state_groups WHERE id = ?", (group,)).fetchone()
+        if row is None:
+            return None
+        entries = {
+            (t, sk): eid
+            for t, sk, eid in txn.execute(
+                "SELECT type, state_key, event_id FROM state_group_entries WHERE state_group = ?",
+                (group,),
+            ).fetchall()
+        }
+        return row[0], entries
+
+    async def get_room_events(
+        self,
+        room_id: str,
+        after: int | None,
+        upto: int | None,
+        limit: int,
+        descending: bool = True,
+    ) -> list[tuple[int, str, int]]:
+        """(stream_ordering, event_id, state_group) of a room's events in (after, upto],
+        newest first when ``descending``; at most ``limit``."""
+        clauses = ["room_id = ?", "outlier = FALSE", "rejected_reason IS NULL"]
+        args: list[Any] = [room_id]
+        if after is not None:
+            clauses.append("stream_ordering > ?")
+            args.append(after)
+        if upto is not None:
+            clauses.append("stream_ordering <= ?")
+            args.append(upto)
+        order = "DESC" if descending else "ASC"
+        args.append(limit)
+        rows = await self.db.select(
+            "room_events",
+            "SELECT stream_ordering, event_id, state_group FROM events WHERE "
+            + " AND ".join(clauses)
+            + f" ORDER BY stream_ordering {order} LIMIT ?",
+            args,
+        )
+        return [(so, eid, sg) for so, eid, sg in rows]
+
+    async def get_state_group_before(self, room_id: str, stream_ordering: int) -> int | None:
+        """The room's state group just before a stream position (after the event at or
+        before it)."""
+        rows = await self.db.select(
+            "state_group_before",
+            "SELECT state_group FROM events WHERE room_id = ? AND stream_ordering <= ?"
+            " AND outlier = FALSE AND rejected_reason IS NULL"
+            " ORDER BY stream_ordering DESC LIMIT 1",
+            (room_id, stream_ordering),
+        )
+        return rows[0][0] if rows else None
+
+    async def get_user_memberships(self, user_id: str) -> dict[str, tuple[str, int, str]]:
+        """room id -> (membership, stream ordering, event id), forgotten rooms left out."""
+        rows = await self.db.select(
+            "user_memberships",
+            "SELECT room_id, membership, stream_ordering, event_id FROM room_memberships"
+            " WHERE user_id = ? AND forgotten = FALSE",
+            (user_id,),
+        )
+        return {room_id: (m, so, eid) for room_id, m, so, eid in rows}
+
+    async def get_event_positions(self, event_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """event id -> (stream_ordering, state_group)."""
+        if not event_ids:
+            return {}
+        marks = ",".join("?" * len(event_ids))
+        rows = await self.db.select(
+            "event_positions",
+            f"SELECT event_id, stream_ordering, state_group FROM events WHERE event_id IN ({marks})",
+            event_ids,
+        )
+        return {eid: (so, sg) for eid, so, sg in rows}

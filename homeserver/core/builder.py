@@ -19,9 +19,9 @@ from homeserver.core.events import CREATE, REDACTION, Pdu, reference_hash
 from homeserver.core.redaction import redact_pdu
 from homeserver.core.room_versions import EventIdFormat, RoomVersion
 from homeserver.core.validation import (
+    MAX_DEPTH_V6,
     EventFormatError,
     check_pdu_size,
-    max_depth,
     size_with_members,
 )
 
@@ -78,7 +78,9 @@ def build_event(
       where the format has no top-level ``redacts`` (Synapse does the same).
     - ``reference_hashes``: rooms 1-2 only, to build ``[id, {sha256}]`` pairs.
     - ``event_id``: rooms 1-2 only; generated when omitted.
-    - ``depth`` is capped at the version's maximum, as the spec asks.
+    - ``depth`` is capped at 2**53-1, as the spec asks ("if the room's depth
+      is already at the limit, the depth must be set to the limit"): the
+      room 6+ limit, and the most canonical JSON can carry in any room.
     No ``origin`` key: no current PDU format has one.
 
     Raises ValueError for inconsistent arguments and EventFormatError if the
@@ -100,7 +102,7 @@ def build_event(
         "content": dict(content),
         "prev_events": _references(prev_events, room_version, reference_hashes),
         "auth_events": _references(auth_events, room_version, reference_hashes),
-        "depth": min(depth, max_depth(room_version)),
+        "depth": min(depth, MAX_DEPTH_V6),
         "origin_server_ts": origin_server_ts,
     }
     if room_id is not None:

@@ -55,6 +55,9 @@ class Pdu:
     room_version: RoomVersion
     event_id: str
     data: dict[str, Any]
+    # Set when this server has applied a redaction to the event: the
+    # redaction's event id. ``data`` is then already the redacted form.
+    redacted_because: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], room_version: RoomVersion) -> "Pdu":
@@ -139,6 +142,15 @@ class Pdu:
 
     def redacted(self) -> "Pdu":
         return Pdu(self.room_version, self.event_id, redact_pdu(self.data, self.room_version))
+
+    def with_redacted_because(self, redaction_event_id: str) -> "Pdu":
+        """The redacted form of this event, marked as redacted by that redaction."""
+        return Pdu(
+            self.room_version,
+            self.event_id,
+            redact_pdu(self.data, self.room_version),
+            redaction_event_id,
+        )
 
     def to_federation_json(self) -> dict[str, Any]:
         """The PDU as sent to other servers (rooms 1-2 carry event_id inside)."""

@@ -159,13 +159,17 @@ def verify_received_pdu(
         signable = _signable(data, room_version)
     except (CanonicalJsonError, UnicodeEncodeError) as e:
         raise EventFormatError(f"not canonical JSON: {e}") from e
-    check_pdu_size(size_with_members(len(hash_input), {k: data[k] for k in _NOT_HASHED if k in data}))
+    check_pdu_size(
+        size_with_members(len(hash_input), {k: data[k] for k in _NOT_HASHED if k in data})
+    )
 
     if room_version.event_id_format is EventIdFormat.V1:
         event_id = data["event_id"]
     else:
         reference = hashlib.sha256(signable).digest()
-        event_id = "$" + encode_base64(reference, urlsafe=room_version.event_id_format is EventIdFormat.V3)
+        event_id = "$" + encode_base64(
+            reference, urlsafe=room_version.event_id_format is EventIdFormat.V3
+        )
     pdu = Pdu(room_version, event_id, data)
     verify_pdu_signatures(pdu, key_lookup, signable=signable)
 

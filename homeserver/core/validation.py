@@ -187,13 +187,14 @@ def canonical_size(data: dict[str, Any]) -> int:
 
 
 def size_with_members(base_size: int, extra: dict[str, Any]) -> int:
-    """Canonical size of a non-empty object of ``base_size`` bytes after adding
-    the members in ``extra``: each adds its own ``"key":value`` and one comma,
-    wherever it sorts. Lets the content-hash bytes double as the size check."""
-    size = base_size
-    for key, value in extra.items():
-        size += len(encode_canonical_json({key: value})) - 2 + 1  # minus "{}", plus ","
-    return size
+    """Canonical size of a non-empty object of ``base_size`` bytes once the
+    members in ``extra`` are added: "{" + members joined by "," + "}", so
+    each new member adds its bytes plus one comma wherever it sorts. Lets the
+    content-hash bytes double as the size check."""
+    if not extra:
+        return base_size
+    # len(encode(extra)) = 2 braces + members + (len(extra) - 1) commas.
+    return base_size + len(encode_canonical_json(extra)) - 1
 
 
 def check_pdu_format(data: Any, room_version: RoomVersion) -> None:

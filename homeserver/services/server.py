@@ -11,10 +11,15 @@ import homeserver
 from crypto.keys import ServerSigningKey
 from homeserver.config import HomeserverConfig
 from homeserver.config.loader import parse_duration_ms
+from homeserver.services.accounts import AccountService
+from homeserver.services.auth import Auth
 from homeserver.services.client_events import ClientEventSerializer
 from homeserver.services.clock import Clock
+from homeserver.services.directory import DirectoryService
 from homeserver.services.events import EventCache, EventsService
+from homeserver.services.filters import FilterService
 from homeserver.services.notifier import Notifier
+from homeserver.services.pagination import PaginationService
 from homeserver.services.profiles import ProfileService
 from homeserver.services.rooms.creation import RoomCreator
 from homeserver.services.rooms.membership import MembershipService
@@ -23,6 +28,9 @@ from homeserver.services.rooms.sender import RoomEventSender
 from homeserver.services.rooms.state import RoomStates
 from homeserver.services.server_keys import ServerKeys
 from homeserver.services.stream_ids import StreamIdAllocator
+from homeserver.services.sync import SyncService
+from homeserver.services.uia import UserInteractiveAuth
+from homeserver.services.user_rooms import StateGroupCache, UserRooms
 from storage import Database
 from storage.events import EventsStore
 
@@ -57,6 +65,8 @@ class HomeServer:
         self.stream_ids = StreamIdAllocator(max_stream_ordering)
         self.notifier = Notifier(self.clock, max_stream_ordering)
         self.room_states = RoomStates(self.events_store)
+        self.user_rooms = UserRooms(self.events_store)
+        self.state_groups = StateGroupCache(self.events_store)
         self.persister = EventPersister(self.events_store)
         self.persister.on_persisted.append(self._on_persisted)
         self.persister.on_failed.append(self._on_persist_failed)
@@ -64,10 +74,27 @@ class HomeServer:
         self.room_creator = RoomCreator(self)
         self.membership = MembershipService(self)
         self.profiles = ProfileService(self)
-        self.client_events = ClientEventSerializer(self.clock)
+        self.directory = DirectoryService(self)
+        self.client_events = ClientEventSerializer(self)
+        self.filters = FilterService(self)
+        self.sync = SyncService(self)
+        self.pagination = PaginationService(self)
+        # Accounts: access tokens, registration, login, devices, UIA
+        self.auth = Auth(self)
+        self.accounts = AccountService(self)
+        self.uia = UserInteractiveAuth(self)
 
     def _on_persisted(self, items: list[Any]) -> None:
+        """After a batch commits: caches first, then wake whoever waits."""
         self.stream_ids.mark_persisted(items[-1].stream_ordering)
+        for item in items:
+            room = self.room_states.get_cached(item.pdu.room_id)
+            if room is not None:
+                room.add_persisted(item.stream_ordering, item.pdu.event_id, item.state_group)
+            target = item.redacted_target
+            if target is not None:
+                self.event_cache.put(target.with_redacted_because(item.pdu.event_id))
+        self.user_rooms.on_persisted(items)
         self.notifier.on_persisted(items)
 
     def _on_persist_failed(self, room_ids: set[str]) -> None:

@@ -78,6 +78,7 @@ class RoomDag:
         self.room_version = get_room_version(version)
         self.events: dict[str, dict[str, Any]] = {}  # in creation order
         self.order: list[str] = []
+        self._pdus: dict[str, Pdu] = {}
         self._ids = itertools.count(1)
         self._ts = itertools.count(_BASE_TS, 1000)
         self.room_id = f"!room{id(self)}:{creator.partition(':')[2]}"
@@ -141,6 +142,7 @@ class RoomDag:
         if check:
             self._check(pdu)
         self.events[pdu.event_id] = data
+        self._pdus[pdu.event_id] = pdu
         self.order.append(pdu.event_id)
         if state_key is not None:
             branch.state[(event_type, state_key)] = pdu.event_id
@@ -176,10 +178,10 @@ class RoomDag:
 
     # --- views ----------------------------------------------------------------------
     def pdu(self, event_id: str) -> Pdu:
-        return Pdu.from_dict(self.events[event_id], self.room_version)
+        return self._pdus[event_id]
 
     def pdus(self) -> dict[str, Pdu]:
-        return {e: self.pdu(e) for e in self.order}
+        return dict(self._pdus)
 
     def chain_index(self) -> ChainIndex:
         index = ChainIndex()

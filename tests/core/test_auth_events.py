@@ -15,8 +15,11 @@ from homeserver.core.room_versions import KNOWN_ROOM_VERSIONS
 V = KNOWN_ROOM_VERSIONS
 ALL = list(V.values())
 CREATE, PL, JR, TPI, MEMBER = (
-    ("m.room.create", ""), ("m.room.power_levels", ""), ("m.room.join_rules", ""),
-    "m.room.third_party_invite", "m.room.member",
+    ("m.room.create", ""),
+    ("m.room.power_levels", ""),
+    ("m.room.join_rules", ""),
+    "m.room.third_party_invite",
+    "m.room.member",
 )
 
 STATE = {
@@ -55,8 +58,8 @@ def test_message(rv):
 
 @pytest.mark.parametrize("rv", ALL, ids=_ids)
 @pytest.mark.parametrize(
-    "membership, join_rules", [("join", True), ("invite", True), ("knock", True),
-                               ("leave", False), ("ban", False)]
+    "membership, join_rules",
+    [("join", True), ("invite", True), ("knock", True), ("leave", False), ("ban", False)],
 )
 def test_membership(rv, membership, join_rules):
     got = select(rv, "m.room.member", "@alice:hs", "@bob:hs", {"membership": membership})
@@ -76,8 +79,9 @@ def test_third_party_invite(rv):
     content = {"membership": "invite", "third_party_invite": {"signed": {"token": "tok"}}}
     assert "$tpi" in select(rv, "m.room.member", "@alice:hs", "@bob:hs", content)
     # Only for invites, and only the matching token.
-    assert "$tpi" not in select(rv, "m.room.member", "@alice:hs", "@bob:hs",
-                                {**content, "membership": "join"})
+    assert "$tpi" not in select(
+        rv, "m.room.member", "@alice:hs", "@bob:hs", {**content, "membership": "join"}
+    )
     other = {"membership": "invite", "third_party_invite": {"signed": {"token": "nope"}}}
     assert "$tpi" not in select(rv, "m.room.member", "@alice:hs", "@bob:hs", other)
     for junk in (None, 5, {"signed": 5}, {"signed": {"token": 5}}, {}):
@@ -97,16 +101,27 @@ def test_restricted_join_authoriser(rv):
 def test_stable_order_and_keys():
     content = {"membership": "join", "join_authorised_via_users_server": "@carol:other"}
     assert auth_state_keys(V["10"], MEMBER, "@alice:hs", "@bob:hs", content) == [
-        CREATE, PL, (MEMBER, "@alice:hs"), (MEMBER, "@bob:hs"), JR, (MEMBER, "@carol:other"),
+        CREATE,
+        PL,
+        (MEMBER, "@alice:hs"),
+        (MEMBER, "@bob:hs"),
+        JR,
+        (MEMBER, "@carol:other"),
     ]
     assert auth_state_keys(V["12"], "m.room.message", "@alice:hs", None, {}) == [
-        PL, (MEMBER, "@alice:hs"),
+        PL,
+        (MEMBER, "@alice:hs"),
     ]
 
 
 def test_for_pdu():
-    data = {"type": MEMBER, "sender": "@a:hs", "state_key": "@b:hs",
-            "content": {"membership": "invite"}, "room_id": "!r:hs"}
+    data = {
+        "type": MEMBER,
+        "sender": "@a:hs",
+        "state_key": "@b:hs",
+        "content": {"membership": "invite"},
+        "room_id": "!r:hs",
+    }
     pdu = Pdu(V["11"], "$e", data)
     assert auth_state_keys_for_pdu(pdu) == [CREATE, PL, (MEMBER, "@a:hs"), (MEMBER, "@b:hs"), JR]
 
@@ -138,9 +153,19 @@ def test_matches_synapse(rv, event_type, sender, target, content):
     from synapse.event_auth import auth_types_for_event
     from synapse.events import make_event_from_dict
 
-    data = {"type": event_type, "sender": sender, "content": content, "room_id": "!r:hs",
-            "state_key": target, "prev_events": [], "auth_events": [], "depth": 1,
-            "origin_server_ts": 0, "hashes": {}, "signatures": {}}
+    data = {
+        "type": event_type,
+        "sender": sender,
+        "content": content,
+        "room_id": "!r:hs",
+        "state_key": target,
+        "prev_events": [],
+        "auth_events": [],
+        "depth": 1,
+        "origin_server_ts": 0,
+        "hashes": {},
+        "signatures": {},
+    }
     if rv.event_id_in_pdu:
         data["event_id"] = "$e:hs"
     synapse_rv = SYNAPSE_VERSIONS[rv.identifier]

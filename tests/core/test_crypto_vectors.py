@@ -161,12 +161,20 @@ def test_event_id_shapes(example):
 
 
 def test_user_id_max_bytes_enforced_on_sender():
-    limit = VECTORS["identifier_grammar"]["user_id_localpart_mapping_suggested"]["user_id_max_bytes"]
+    limit = VECTORS["identifier_grammar"]["user_id_localpart_mapping_suggested"][
+        "user_id_max_bytes"
+    ]
     room_version = KNOWN_ROOM_VERSIONS["10"]
     event = {
-        "type": "m.room.message", "room_id": "!r:hs", "content": {}, "depth": 1,
-        "origin_server_ts": 1, "hashes": {"sha256": "x"}, "signatures": {},
-        "prev_events": [], "auth_events": [],
+        "type": "m.room.message",
+        "room_id": "!r:hs",
+        "content": {},
+        "depth": 1,
+        "origin_server_ts": 1,
+        "hashes": {"sha256": "x"},
+        "signatures": {},
+        "prev_events": [],
+        "auth_events": [],
     }
     ok_sender = "@" + "u" * (limit - 4) + ":hs"
     assert len(ok_sender) == limit
@@ -204,10 +212,16 @@ def test_illustrative_xmatrix_header_parses_but_does_not_verify(spec_key):
     auth = parse_authorization(example["header_value"])
     params = example["expected_params"]
     assert (auth.origin, auth.destination, auth.key_id, auth.signature) == (
-        params["origin"], params["destination"], params["key"], params["sig"],
+        params["origin"],
+        params["destination"],
+        params["key"],
+        params["sig"],
     )
     with pytest.raises(SignatureError):
         verify_request(
-            auth, spec_key.verify_key, method="POST", uri="/target",
+            auth,
+            spec_key.verify_key,
+            method="POST",
+            uri="/target",
             our_server_name=params["destination"],
         )

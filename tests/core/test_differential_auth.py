@@ -287,11 +287,46 @@ def test_membership_events_agree_with_synapse(version: str, data: st.DataObject)
     assert_agree(event, room.state)
 
 
+@settings(SETTINGS, max_examples=150)
+@given(version=st.sampled_from(["8", "9", "10", "11", "12"]), data=st.data())
+def test_restricted_joins_agree_with_synapse(version: str, data: st.DataObject) -> None:
+    room = data.draw(rooms(int(version)))
+    room.join_rule(data.draw(st.sampled_from(["restricted", "knock_restricted"])))
+    joiner = data.draw(st.sampled_from(USERS))
+    content = {"membership": "join"}
+    if data.draw(st.integers(0, 5)):
+        content["join_authorised_via_users_server"] = data.draw(senders(room))
+    event = room.make(MEMBER, joiner, content, joiner)
+    assume(not known_difference(room, event))
+    assert_agree(event, room.state)
+
+
 @settings(SETTINGS, max_examples=300)
 @given(version=versions, data=st.data())
 def test_power_level_changes_agree_with_synapse(version: str, data: st.DataObject) -> None:
+    """Two competing changes against the same state; usually from members
+    allowed to send m.room.power_levels at all, so the change rules decide."""
     room = data.draw(rooms(int(version)))
-    assert_agree(data.draw(power_level_events(room, int(version))), room.state)
+    if data.draw(st.integers(0, 3)):
+        give_power(data, room, int(version))
+    for _ in range(2):
+        assert_agree(data.draw(power_level_events(room, int(version))), room.state)
+
+
+def give_power(data: st.DataObject, room: Room, version: int) -> None:
+    """Join one or two users and give them levels able to edit the power levels."""
+    creators = frozenset([ALICE, *room.create.content.get("additional_creators", [])])
+    content = data.draw(power_levels_content(version, creators))
+    users = content.setdefault("users", {})
+    editors = data.draw(st.lists(st.sampled_from(USERS), min_size=1, max_size=2, unique=True))
+    floor = 100
+    for user in editors:
+        room.member(user, "join")
+        if user not in creators or version < 12:
+            users[user] = data.draw(st.sampled_from([25, 50, 51, 75, 100]))
+            floor = min(floor, users[user])
+    content.setdefault("events", {})[POWER_LEVELS] = data.draw(st.sampled_from([0, 25, floor]))
+    room.power_levels(content)
 
 
 @SETTINGS

@@ -31,16 +31,12 @@ from homeserver.core.signatures import _signable
 
 KEY = generate_signing_key("diff")
 SYNAPSE_KEY = decode_signing_key_base64("ed25519", "diff", encode_base64(bytes(KEY.signing_key)))
-SETTINGS = settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- event generation ---------------------------------------------------------
 
 _text = st.text(max_size=6)
-_scalar = (
-    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _text
-)
+_scalar = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _text
 _json = st.recursive(
     _scalar,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
@@ -54,9 +50,9 @@ def _content(keys: dict) -> st.SearchStrategy:
     (the simplest draw removes none), so version-specific rules get hit -
     plus noise."""
     keys = {**keys, "body": _text, "m.relates_to": _json}
-    return st.tuples(
-        st.fixed_dictionaries(keys), st.sets(st.sampled_from(sorted(keys)))
-    ).map(lambda pair: {k: v for k, v in pair[0].items() if k not in pair[1]})
+    return st.tuples(st.fixed_dictionaries(keys), st.sets(st.sampled_from(sorted(keys)))).map(
+        lambda pair: {k: v for k, v in pair[0].items() if k not in pair[1]}
+    )
 
 
 _third_party_invite = st.one_of(
@@ -66,23 +62,47 @@ _third_party_invite = st.one_of(
 )
 
 CONTENT_BY_TYPE = {
-    "m.room.member": _content({
-        "membership": st.sampled_from(["join", "invite", "leave", "ban", "knock"]) | _json,
-        "join_authorised_via_users_server": _user | _json,
-        "third_party_invite": _third_party_invite,
-        "displayname": _text,
-    }),
-    "m.room.create": _content({
-        "creator": _user, "room_version": _text, "m.federate": st.booleans(),
-        "additional_creators": st.lists(_user, max_size=2), "predecessor": _json,
-    }),
-    "m.room.join_rules": _content({
-        "join_rule": st.sampled_from(["public", "invite", "restricted"]), "allow": _json,
-    }),
-    "m.room.power_levels": _content({
-        k: _json for k in ("ban", "events", "events_default", "kick", "redact", "state_default",
-                           "users", "users_default", "invite", "notifications", "historical")
-    }),
+    "m.room.member": _content(
+        {
+            "membership": st.sampled_from(["join", "invite", "leave", "ban", "knock"]) | _json,
+            "join_authorised_via_users_server": _user | _json,
+            "third_party_invite": _third_party_invite,
+            "displayname": _text,
+        }
+    ),
+    "m.room.create": _content(
+        {
+            "creator": _user,
+            "room_version": _text,
+            "m.federate": st.booleans(),
+            "additional_creators": st.lists(_user, max_size=2),
+            "predecessor": _json,
+        }
+    ),
+    "m.room.join_rules": _content(
+        {
+            "join_rule": st.sampled_from(["public", "invite", "restricted"]),
+            "allow": _json,
+        }
+    ),
+    "m.room.power_levels": _content(
+        {
+            k: _json
+            for k in (
+                "ban",
+                "events",
+                "events_default",
+                "kick",
+                "redact",
+                "state_default",
+                "users",
+                "users_default",
+                "invite",
+                "notifications",
+                "historical",
+            )
+        }
+    ),
     "m.room.aliases": _content({"aliases": _json}),
     "m.room.history_visibility": _content({"history_visibility": _json}),
     "m.room.redaction": _content({"redacts": _text, "reason": _text}),
@@ -129,9 +149,15 @@ def events(draw, versions=tuple(KNOWN_ROOM_VERSIONS), types=tuple(sorted(CONTENT
     v12_create = rv.room_id_is_create_event_hash and event_type == "m.room.create"
     if not v12_create:
         data["room_id"] = "!room:hs" if not rv.room_id_is_create_event_hash else "!" + "A" * 43
-    if event_type in ("m.room.member", "m.room.create", "m.room.join_rules",
-                      "m.room.power_levels", "m.room.aliases", "m.room.history_visibility",
-                      "m.room.name") or draw(st.booleans()):
+    if event_type in (
+        "m.room.member",
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.power_levels",
+        "m.room.aliases",
+        "m.room.history_visibility",
+        "m.room.name",
+    ) or draw(st.booleans()):
         data["state_key"] = draw(st.sampled_from(["", "@alice:hs", "x"]))
     if v12_create:
         data["state_key"] = ""

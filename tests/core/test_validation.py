@@ -44,9 +44,17 @@ def _ids(rv):
 
 def make(rv, **fields):
     args = dict(
-        server_name="hs", signing_key=KEY, event_type="m.room.message", sender="@a:hs",
-        content={"body": "hi"}, room_id="!r:hs", prev_events=["$p:hs"], auth_events=["$a:hs"],
-        depth=5, origin_server_ts=1_700_000_000_000, reference_hashes=lambda e: "h" * 43,
+        server_name="hs",
+        signing_key=KEY,
+        event_type="m.room.message",
+        sender="@a:hs",
+        content={"body": "hi"},
+        room_id="!r:hs",
+        prev_events=["$p:hs"],
+        auth_events=["$a:hs"],
+        depth=5,
+        origin_server_ts=1_700_000_000_000,
+        reference_hashes=lambda e: "h" * 43,
     )
     args.update(fields)
     return build_event(rv, **args)
@@ -61,8 +69,18 @@ def test_built_events_pass(rv):
     check_pdu_format(good(rv), rv)
 
 
-REQUIRED = ["type", "sender", "content", "depth", "origin_server_ts", "hashes", "signatures",
-            "prev_events", "auth_events", "room_id"]
+REQUIRED = [
+    "type",
+    "sender",
+    "content",
+    "depth",
+    "origin_server_ts",
+    "hashes",
+    "signatures",
+    "prev_events",
+    "auth_events",
+    "room_id",
+]
 
 
 @pytest.mark.parametrize("rv", ALL, ids=_ids)
@@ -78,13 +96,34 @@ def test_required_keys(rv, key):
 
 
 BAD_VALUES = [
-    ("type", 5), ("sender", "a:hs"), ("sender", "@a"), ("sender", "@a:"), ("sender", None),
-    ("content", []), ("content", "x"), ("depth", "5"), ("depth", True), ("depth", -1),
-    ("depth", 2**63), ("origin_server_ts", 1.5), ("origin_server_ts", None),
-    ("hashes", {}), ("hashes", {"sha256": 1}), ("hashes", "x"), ("signatures", []),
-    ("signatures", {"hs": "x"}), ("signatures", {"hs": {"ed25519:k": 1}}), ("unsigned", []),
-    ("state_key", 1), ("state_key", None), ("prev_events", "x"), ("auth_events", {}),
-    ("prev_events", [1]), ("auth_events", [None]), ("room_id", 5), ("room_id", "r:hs"),
+    ("type", 5),
+    ("sender", "a:hs"),
+    ("sender", "@a"),
+    ("sender", "@a:"),
+    ("sender", None),
+    ("content", []),
+    ("content", "x"),
+    ("depth", "5"),
+    ("depth", True),
+    ("depth", -1),
+    ("depth", 2**63),
+    ("origin_server_ts", 1.5),
+    ("origin_server_ts", None),
+    ("hashes", {}),
+    ("hashes", {"sha256": 1}),
+    ("hashes", "x"),
+    ("signatures", []),
+    ("signatures", {"hs": "x"}),
+    ("signatures", {"hs": {"ed25519:k": 1}}),
+    ("unsigned", []),
+    ("state_key", 1),
+    ("state_key", None),
+    ("prev_events", "x"),
+    ("auth_events", {}),
+    ("prev_events", [1]),
+    ("auth_events", [None]),
+    ("room_id", 5),
+    ("room_id", "r:hs"),
 ]
 
 
@@ -160,7 +199,7 @@ def test_id_size_limits(rv, key):
     assert len(at_limit) == 255
     data[key] = at_limit
     check_pdu_format(data, rv)
-    data[key] = sigil + "x" + at_limit[len(sigil):]
+    data[key] = sigil + "x" + at_limit[len(sigil) :]
     with pytest.raises(EventFormatError) as err:
         check_pdu_format(data, rv)
     assert not err.value.rejectable  # too many code points: always dropped
@@ -193,8 +232,16 @@ def test_whole_event_size(rv):
 
 def test_room12_create_has_no_room_id():
     rv = V["12"]
-    create = make(rv, event_type="m.room.create", state_key="", room_id=None, content={},
-                  prev_events=[], auth_events=[], depth=1)
+    create = make(
+        rv,
+        event_type="m.room.create",
+        state_key="",
+        room_id=None,
+        content={},
+        prev_events=[],
+        auth_events=[],
+        depth=1,
+    )
     check_pdu_format(create.data, rv)
     msg = good(rv)
     del msg["room_id"]
@@ -227,14 +274,18 @@ def test_not_a_dict():
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=15,
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(base=st.dictionaries(st.text(max_size=5), _json, min_size=1, max_size=5),
-       extra=st.dictionaries(st.text(max_size=5), _json, max_size=3))
+@given(
+    base=st.dictionaries(st.text(max_size=5), _json, min_size=1, max_size=5),
+    extra=st.dictionaries(st.text(max_size=5), _json, max_size=3),
+)
 def test_size_with_members_is_exact(base, extra):
     base = {k: v for k, v in base.items() if k not in extra}
     if not base:
@@ -288,8 +339,9 @@ def test_verify_received_format_and_size(rv):
 
 def test_required_signers():
     member = dict(event_type="m.room.member", sender="@a:hs", state_key="@a:hs")
-    assert required_signers(make(V["10"], **member, content={"membership": "join"}).data,
-                            V["10"]) == {"hs"}
+    assert required_signers(
+        make(V["10"], **member, content={"membership": "join"}).data, V["10"]
+    ) == {"hs"}
     # Rooms 1-2: the event id's server as well.
     v1 = make(V["1"], event_id="$x:remote")
     assert required_signers(v1.data, V["1"]) == {"hs", "remote"}
@@ -316,13 +368,25 @@ def test_third_party_invite_may_come_from_another_server():
     # Spec: "If the event is a 3rd party invite, the sender must already match
     # the 3rd party invite, and the server which actually sends the event may
     # be a different server." Signed by "hs" only, sender on "elsewhere".
-    content = {"membership": "invite",
-               "third_party_invite": {"signed": {"mxid": "@b:hs", "token": "t"}}}
-    pdu = make(V["10"], event_type="m.room.member", sender="@a:elsewhere", state_key="@b:hs",
-               content=content)
+    content = {
+        "membership": "invite",
+        "third_party_invite": {"signed": {"mxid": "@b:hs", "token": "t"}},
+    }
+    pdu = make(
+        V["10"],
+        event_type="m.room.member",
+        sender="@a:elsewhere",
+        state_key="@b:hs",
+        content=content,
+    )
     assert required_signers(pdu.data, V["10"]) == set()
     verify_pdu_signatures(pdu, lambda s, k: None)
-    plain = make(V["10"], event_type="m.room.member", sender="@a:elsewhere", state_key="@b:hs",
-                 content={"membership": "invite"})
+    plain = make(
+        V["10"],
+        event_type="m.room.member",
+        sender="@a:elsewhere",
+        state_key="@b:hs",
+        content={"membership": "invite"},
+    )
     with pytest.raises(SignatureError, match="elsewhere"):
         verify_pdu_signatures(plain, lookup)

@@ -38,7 +38,9 @@ def test_sign_parse_verify_round_trip():
     header = sign_request(KEY, "origin.example", "dest.example", "PUT", URI, BODY)
     assert header.startswith('X-Matrix origin="origin.example",destination="dest.example",key=')
     auth = parse_authorization(header)
-    assert auth == XMatrixAuthorization("origin.example", KEY.key_id, auth.signature, "dest.example")
+    assert auth == XMatrixAuthorization(
+        "origin.example", KEY.key_id, auth.signature, "dest.example"
+    )
     verify_request(
         auth, KEY.verify_key, method="PUT", uri=URI, our_server_name="dest.example", content=BODY
     )
@@ -47,8 +49,11 @@ def test_sign_parse_verify_round_trip():
 def test_get_without_body():
     header = sign_request(KEY, "a.example", "b.example", "GET", "/_matrix/key/v2/server")
     verify_request(
-        parse_authorization(header), KEY.verify_key, method="GET",
-        uri="/_matrix/key/v2/server", our_server_name="b.example",
+        parse_authorization(header),
+        KEY.verify_key,
+        method="GET",
+        uri="/_matrix/key/v2/server",
+        our_server_name="b.example",
     )
 
 
@@ -59,8 +64,11 @@ def test_signature_is_the_spec_object_signed_with_signedjson():
     obj = request_json("POST", URI, "a.example", "b.example", BODY)
     expected = signedjson_sign(dict(obj), "a.example", _synapse_key(KEY))
     assert expected["signatures"]["a.example"][KEY.key_id] == auth.signature
-    verify_signed_json({**obj, "signatures": {"a.example": {KEY.key_id: auth.signature}}},
-                       "a.example", get_verify_key(_synapse_key(KEY)))
+    verify_signed_json(
+        {**obj, "signatures": {"a.example": {KEY.key_id: auth.signature}}},
+        "a.example",
+        get_verify_key(_synapse_key(KEY)),
+    )
 
 
 def test_synapse_parser_reads_our_header():
@@ -69,7 +77,10 @@ def test_synapse_parser_reads_our_header():
     header = sign_request(KEY, "a.example:8448", "[::1]:8008", "GET", URI)
     auth = parse_authorization(header)
     assert _parse_auth_header(header.encode()) == (
-        "a.example:8448", KEY.key_id, auth.signature, "[::1]:8008",
+        "a.example:8448",
+        KEY.key_id,
+        auth.signature,
+        "[::1]:8008",
     )
 
 
@@ -81,8 +92,9 @@ def test_tampering_fails(field, value):
     header = sign_request(KEY, "a.example", "b.example", "PUT", URI, BODY)
     request = {"method": "PUT", "uri": URI, "content": BODY, field: value}
     with pytest.raises(SignatureError):
-        verify_request(parse_authorization(header), KEY.verify_key, our_server_name="b.example",
-                       **request)
+        verify_request(
+            parse_authorization(header), KEY.verify_key, our_server_name="b.example", **request
+        )
 
 
 def test_wrong_key_or_destination_fails():
@@ -156,9 +168,19 @@ def test_parse_errors(header):
 
 @pytest.mark.parametrize(
     "name, valid",
-    [("a.example", True), ("a.example:8448", True), ("1.2.3.4", True), ("[::1]", True),
-     ("[::1]:80", True), ("", False), ("a.example:", False), ("a_b.example", False),
-     ("a.example:123456", False), ("[::1", False), ("a.example/x", False)],
+    [
+        ("a.example", True),
+        ("a.example:8448", True),
+        ("1.2.3.4", True),
+        ("[::1]", True),
+        ("[::1]:80", True),
+        ("", False),
+        ("a.example:", False),
+        ("a_b.example", False),
+        ("a.example:123456", False),
+        ("[::1", False),
+        ("a.example/x", False),
+    ],
 )
 def test_server_name_grammar(name, valid):
     assert is_valid_server_name(name) is valid
@@ -195,8 +217,15 @@ def test_signed_json_checks():
     with pytest.raises(SignatureError, match="not signed by"):
         check_signed_json(obj, "b.example", _lookup(KEY))
     # A known key that does not verify fails even if another one does.
-    forged = {**both, "signatures": {"a.example": {**both["signatures"]["a.example"],
-                                                   OTHER.key_id: obj["signatures"]["a.example"][KEY.key_id]}}}
+    forged = {
+        **both,
+        "signatures": {
+            "a.example": {
+                **both["signatures"]["a.example"],
+                OTHER.key_id: obj["signatures"]["a.example"][KEY.key_id],
+            }
+        },
+    }
     with pytest.raises(SignatureError, match="bad signature"):
         check_signed_json(forged, "a.example", _lookup(KEY, OTHER))
     with pytest.raises(SignatureError):
@@ -207,13 +236,18 @@ def test_non_ed25519_and_malformed_signatures():
     obj = sign_json({"x": 1}, "a.example", KEY)
     sig = obj["signatures"]["a.example"][KEY.key_id]
     lookup = lambda s, k: KEY.verify_key  # noqa: E731 - any id resolves
-    check_server_signatures({"a.example": {"curve25519:x": "junk", KEY.key_id: sig}},
-                            b'{"x":1}', "a.example", lookup)
+    check_server_signatures(
+        {"a.example": {"curve25519:x": "junk", KEY.key_id: sig}}, b'{"x":1}', "a.example", lookup
+    )
     with pytest.raises(SignatureError):
-        check_server_signatures({"a.example": {"curve25519:x": sig}}, b'{"x":1}', "a.example", lookup)
+        check_server_signatures(
+            {"a.example": {"curve25519:x": sig}}, b'{"x":1}', "a.example", lookup
+        )
     for bad in ("!!!", 5, sig[:-2], None):
         with pytest.raises(SignatureError):
-            check_server_signatures({"a.example": {KEY.key_id: bad}}, b'{"x":1}', "a.example", lookup)
+            check_server_signatures(
+                {"a.example": {KEY.key_id: bad}}, b'{"x":1}', "a.example", lookup
+            )
     for signatures in (None, [], {"a.example": "x"}):
         with pytest.raises(SignatureError):
             check_server_signatures(signatures, b'{"x":1}', "a.example", lookup)

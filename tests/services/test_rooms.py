@@ -65,7 +65,7 @@ class RoomsTestsMixin:
             for before, after in zip(pdus, pdus[1:], strict=False):
                 self.assertEqual(after.prev_event_ids, (before.event_id,))
                 self.assertEqual(after.depth, before.depth + 1)
-            self.hs.event_cache._events.clear()
+            self.hs.event_cache.clear()
             stored = await self.hs.events.get_events(p.event_id for p in pdus)
             self.assertEqual([stored[p.event_id].content["body"] for p in pdus],
                              [str(i) for i in range(30)])

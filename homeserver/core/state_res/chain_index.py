@@ -224,22 +224,26 @@ class ChainIndex:
 
         A state set reaches its own events as well as their auth chains, as in
         Synapse; see docs/state-resolution.md for why this reading is used.
-        The reach of the events common to every set is computed once and each
-        set only walks beyond it.
+
+        Events common to every set reach the same things from each, so the
+        difference is that of the other events' reaches, minus whatever the
+        common events reach. Only that last part involves the (large) common
+        state, and it is asked position by position (``_CommonReach``) for
+        the few chains where the other events disagree.
         """
         if len(state_sets) < 2:
             return set()
-        sets = [set(s) for s in state_sets]
-        common = set.intersection(*sets)
-        base = self._reach(self._starts(common).items())
-        extras = [self._reach(self._starts(s - common).items(), base) for s in sets]
+        sets = [s if isinstance(s, set | frozenset) else set(s) for s in state_sets]
+        common = set.intersection(*sets) if isinstance(sets[0], set) else sets[0].intersection(*sets[1:])
+        extras = [self._reach(self._starts(s - common).items()) for s in sets]
+        common_reach = _CommonReach(self, self._starts(common))
         difference: set[str] = set()
         for chain_id in set().union(*extras):
-            floor = base.get(chain_id, 0)
-            maxima = [max(extra.get(chain_id, 0), floor) for extra in extras]
+            maxima = [extra.get(chain_id, 0) for extra in extras]
             low, high = min(maxima), max(maxima)
             if low < high:
-                difference.update(self._events_in(chain_id, low + 1, high))
+                floor = common_reach.highest_reached(chain_id, low, high)
+                difference.update(self._events_in(chain_id, floor + 1, high))
         return difference
 
     def _reverse_links(self, chain_id: int) -> tuple[list[tuple[int, int, int]], list[int]]:
@@ -276,3 +280,64 @@ class ChainIndex:
         """Room 12's conflicted state subgraph of the given conflicted events."""
         low, high = self._between(event_ids)
         return {e for c, s in low.items() for e in self._events_in(c, s, high[c])}
+
+
+class _CommonReach:
+    """Answers "do the common state events reach position (chain, seq)?".
+
+    What a set of events reaches is, on each chain, a prefix, so answers are
+    remembered as per-chain bounds. A query searches the positions that
+    reach the asked one (through reverse links), stopping at the first that
+    a common event covers: every event at or below a common event's seq on
+    its chain is reached.
+    """
+
+    def __init__(self, index: ChainIndex, common_tops: Reach) -> None:
+        self._index = index
+        self._tops = common_tops
+        self._reached: Reach = {}  # chain -> highest seq known reached
+        self._unreached: Reach = {}  # chain -> lowest seq known unreached
+
+    def _covered(self, chain_id: int, seq: int) -> bool:
+        return seq <= self._tops.get(chain_id, 0) or seq <= self._reached.get(chain_id, 0)
+
+    def reaches(self, chain_id: int, seq: int) -> bool:
+        if self._covered(chain_id, seq):
+            return True
+        unreached = self._unreached
+        if seq >= unreached.get(chain_id, seq + 1):
+            return False
+        scanned: Reach = {}  # chain -> lowest seq whose reverse links were scanned
+        stack = [(chain_id, seq)]
+        while stack:
+            chain, position = stack.pop()
+            previous = scanned.get(chain)
+            if previous is not None and position >= previous:
+                continue
+            scanned[chain] = position
+            if position >= unreached.get(chain, position + 1):
+                continue  # known unreached, and so is everything reaching it
+            links, target_seqs = self._index._reverse_links(chain)
+            stop = len(links) if previous is None else bisect_left(target_seqs, previous)
+            for i in range(stop - 1, bisect_left(target_seqs, position) - 1, -1):
+                _, source_chain, source_seq = links[i]
+                if self._covered(source_chain, source_seq):
+                    self._reached[chain_id] = seq
+                    return True
+                stack.append((source_chain, source_seq))
+        for chain, position in scanned.items():
+            if position < unreached.get(chain, position + 1):
+                unreached[chain] = position
+        return False
+
+    def highest_reached(self, chain_id: int, low: int, high: int) -> int:
+        """The highest seq in (low, high] the common events reach, else ``low``."""
+        if self.reaches(chain_id, high):
+            return high
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.reaches(chain_id, middle):
+                low = middle
+            else:
+                high = middle
+        return low

@@ -30,17 +30,16 @@ def separate(
 
     A key is unconflicted only if every state set has it, with the same event.
     """
-    unconflicted: dict[StateKey, str] = {}
+    maps = [s if isinstance(s, dict) else dict(s) for s in state_sets]
+    same = maps[0].items() & maps[1].items() if len(maps) > 1 else maps[0].items()
+    for state in maps[2:]:
+        same &= state.items()
+    unconflicted = dict(same)
     conflicted: dict[StateKey, set[str]] = {}
-    first, rest = state_sets[0], state_sets[1:]
-    keys = set(first).union(*rest)
-    for key in keys:
-        values = {s.get(key) for s in state_sets}
-        if len(values) == 1 and None not in values:
-            unconflicted[key] = values.pop()
-        else:
-            values.discard(None)
-            conflicted[key] = values  # type: ignore[assignment]
+    for state in maps:
+        for key, event_id in state.items():
+            if key not in unconflicted:
+                conflicted.setdefault(key, set()).add(event_id)
     return unconflicted, conflicted
 
 

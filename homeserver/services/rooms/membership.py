@@ -150,3 +150,4 @@ class MembershipService:
         if membership is None:
             raise MatrixError("M_NOT_FOUND", "You have never been in this room")
         await self.hs.events_store.forget_room(user_id, room_id)
+        self.hs.user_rooms.forget(user_id, room_id)

@@ -58,6 +58,7 @@ class RoomEventSender:
         redacts: str | None = None,
         device_id: str | None = None,
         txn_id: str | None = None,
+        redacted_target: Pdu | None = None,
     ) -> EventToPersist:
         """Build, sign and authorise an event and advance the room's state."""
         version = room.room_version
@@ -91,7 +92,9 @@ class RoomEventSender:
             check_auth_rules(pdu, auth_events)
         except AuthError as e:
             raise MatrixError("M_FORBIDDEN", str(e)) from e
-        return self._advance(room, pdu, device_id, txn_id)
+        item = self._advance(room, pdu, device_id, txn_id)
+        item.redacted_target = redacted_target
+        return item
 
     def build_create_event(
         self, version: RoomVersion, sender: str, content: dict[str, Any], room_id: str | None
@@ -132,9 +135,10 @@ class RoomEventSender:
             else:
                 room.chain_length = prev_length + 1
             room.state_group = stream
+            self.hs.state_groups.put(stream, state_after or room.state_ids())
         room.extremities = [pdu.event_id]
         room.depth = pdu.depth
-        self.hs.event_cache.put(pdu)
+        self.hs.event_cache.put(pdu, (device_id, txn_id) if txn_id is not None else None)
         relates_to, rel_type = relation_of(pdu.content)
         return EventToPersist(
             pdu=pdu,
@@ -166,6 +170,7 @@ class RoomEventSender:
         redacts: str | None = None,
         device_id: str | None = None,
         txn_id: str | None = None,
+        redacted_target: Pdu | None = None,
     ) -> Pdu:
         """Send an event as a local user; returns it once it is durable.
 
@@ -174,7 +179,8 @@ class RoomEventSender:
         """
         if txn_id is None:
             room = await self.get_room(room_id)
-            item = self.build(room, sender, event_type, content, state_key, redacts, device_id)
+            item = self.build(room, sender, event_type, content, state_key, redacts, device_id,
+                              redacted_target=redacted_target)
             await self.hs.persister.persist(item)
             return item.pdu
         key = (sender, device_id, txn_id)
@@ -187,7 +193,7 @@ class RoomEventSender:
                 return pdu
             # It failed; try again as if this were the first attempt.
             return await self.send(sender, room_id, event_type, content, state_key, redacts,
-                                   device_id, txn_id)
+                                   device_id, txn_id, redacted_target)
         # Claim the transaction id before the first await, so a concurrent
         # retry waits for this attempt instead of racing it.
         self._pending_txns[key] = []
@@ -197,7 +203,7 @@ class RoomEventSender:
             if pdu is None:
                 room = await self.get_room(room_id)
                 item = self.build(room, sender, event_type, content, state_key, redacts,
-                                  device_id, txn_id)
+                                  device_id, txn_id, redacted_target)
                 await self.hs.persister.persist(item)
                 pdu = item.pdu
                 self._remember_txn(key, pdu.event_id)

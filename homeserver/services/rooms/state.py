@@ -13,7 +13,7 @@ from twisted.internet import defer
 from homeserver.core.events import CREATE, JOIN_RULES, MEMBER, POWER_LEVELS, Pdu, StateKey
 from homeserver.core.power_levels import PowerLevels
 from homeserver.core.room_versions import RoomVersion, get_room_version
-from storage.events import EventsStore
+from storage.events import RECENT_EVENTS, EventsStore
 
 
 class RoomState:
@@ -21,7 +21,7 @@ class RoomState:
 
     __slots__ = (
         "room_id", "room_version", "state", "members", "extremities", "depth",
-        "state_group", "chain_length", "_power_levels", "kind",
+        "state_group", "chain_length", "_power_levels", "kind", "recent", "last_stream",
     )
 
     def __init__(self, room_id: str, room_version: RoomVersion) -> None:
@@ -35,6 +35,15 @@ class RoomState:
         self.chain_length = 0
         self._power_levels: PowerLevels | None = None
         self.kind: str | None = None  # "dm" for direct messages (docs/rooms.md)
+        # The latest persisted events, oldest first: (stream, event_id, state_group).
+        self.recent: list[tuple[int, str, int]] = []
+        self.last_stream = 0  # stream ordering of the latest persisted event
+
+    def add_persisted(self, stream: int, event_id: str, state_group: int) -> None:
+        self.recent.append((stream, event_id, state_group))
+        if len(self.recent) > 2 * RECENT_EVENTS:
+            del self.recent[:-RECENT_EVENTS]
+        self.last_stream = stream
 
     def apply_state(self, pdu: Pdu) -> None:
         """Make a state event part of the current state."""
@@ -128,4 +137,6 @@ class RoomStates:
         room.state_group = record.state_group
         room.chain_length = record.state_group_chain_length
         room.kind = record.kind
+        room.recent = list(record.recent)
+        room.last_stream = record.recent[-1][0] if record.recent else 0
         return self._rooms.setdefault(room_id, room)
