@@ -43,7 +43,8 @@ def register_profile_resources(router: Any, hs: Any) -> None:
         return 200, await hs.profiles.get_profile_field(user_id, key_name)
 
     async def put_field(request: Request, user_id: str, key_name: str) -> tuple[int, Any]:
-        who = await hs.auth.get_requester(request)
+        # Guests may change their display name and nothing else (guest access module).
+        who = await hs.auth.get_requester(request, allow_guest=key_name == DISPLAYNAME)
         _check_user_id(user_id)
         check_key_name(key_name)
         body = parse_body(request, BODY_SCHEMAS.get(key_name, schemas.SET_PROFILE_FIELD))
@@ -53,7 +54,7 @@ def register_profile_resources(router: Any, hs: Any) -> None:
         return 200, {}
 
     async def delete_field(request: Request, user_id: str, key_name: str) -> tuple[int, Any]:
-        who = await hs.auth.get_requester(request)
+        who = await hs.auth.get_requester(request, allow_guest=key_name == DISPLAYNAME)
         _check_user_id(user_id)
         await hs.profiles.delete_profile_field(who.user_id, user_id, key_name)
         return 200, {}

@@ -70,9 +70,17 @@ def run(n: int = 10_000, room_version: str = "12") -> dict:
     t0 = time.perf_counter()
     ours = [
         build_event(
-            rv, server_name=SERVER, signing_key=key, event_type=e["type"], sender=e["sender"],
-            content=e["content"], room_id=e["room_id"], prev_events=e["prev_events"],
-            auth_events=e["auth_events"], depth=e["depth"], origin_server_ts=e["origin_server_ts"],
+            rv,
+            server_name=SERVER,
+            signing_key=key,
+            event_type=e["type"],
+            sender=e["sender"],
+            content=e["content"],
+            room_id=e["room_id"],
+            prev_events=e["prev_events"],
+            auth_events=e["auth_events"],
+            depth=e["depth"],
+            origin_server_ts=e["origin_server_ts"],
         )
         for e in inputs
     ]

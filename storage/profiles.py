@@ -32,7 +32,7 @@ class StoredProfile:
 class DirectorySnapshot:
     """Everything the user directory needs, read in one transaction."""
 
-    # (room_id, user_id) for every joined membership
+    # (room_id, user_id) for every joined membership (of accounts not deactivated)
     joined: list[tuple[str, str]]
     # (room_id, event type, content) of the current join rules and history visibility
     room_settings: list[tuple[str, str, dict[str, Any]]]
@@ -104,6 +104,18 @@ class ProfileStore:
             ),
         )
 
+    async def erase_profile(self, user_id: str) -> None:
+        """Clear every field (an erased account)."""
+
+        def txn_func(txn: Txn) -> None:
+            txn.execute(
+                "UPDATE users SET displayname = NULL, avatar_url = NULL WHERE user_id = ?",
+                (user_id,),
+            )
+            txn.execute("DELETE FROM profile_fields WHERE user_id = ?", (user_id,))
+
+        await self.db.run_interaction("erase_profile", txn_func)
+
     async def get_standard_profiles(
         self, user_ids: Iterable[str]
     ) -> dict[str, tuple[str | None, str | None]]:
@@ -134,6 +146,7 @@ class ProfileStore:
             (room_id, user_id)
             for room_id, user_id in txn.execute(
                 "SELECT room_id, user_id FROM room_memberships WHERE membership = 'join'"
+                " AND user_id NOT IN (SELECT user_id FROM users WHERE deactivated = TRUE)"
             ).fetchall()
         ]
         room_settings = []

@@ -116,7 +116,8 @@ def check_auth_rules(event: Pdu, auth_events: StateMap) -> None:
     not cite it.
     """
     room_version = event.room_version
-    event_type = event.type
+    data = event.data
+    event_type = data["type"]
     if event_type == CREATE:
         _check_create(event)  # rule 1
         return
@@ -126,14 +127,12 @@ def check_auth_rules(event: Pdu, auth_events: StateMap) -> None:
         raise AuthError("the room's m.room.create event is missing")
     # Rule 2 (room 12: the room id is the create event's id) and, for earlier
     # versions, the room check of rule 3.5 applied to the state given.
-    if create.room_id != event.room_id:
+    if create.room_id != data.get("room_id"):
         raise AuthError("the m.room.create event is for another room")
 
     # Rule 4: m.federate
-    sender = event.sender
-    if create.content.get("m.federate", True) is False and domain_of(sender) != domain_of(
-        create.sender
-    ):
+    sender = data["sender"]
+    if create.content.get("m.federate") is False and domain_of(sender) != domain_of(create.sender):
         raise AuthError("this room does not federate with the sender's server")
 
     if event_type == ALIASES and room_version.special_case_aliases_auth:

@@ -21,6 +21,7 @@ from homeserver.core.room_versions import EventIdFormat, RoomVersion
 from homeserver.core.validation import (
     MAX_DEPTH_V6,
     EventFormatError,
+    EventSizeError,
     check_pdu_size,
     size_with_members,
 )
@@ -83,8 +84,9 @@ def build_event(
       room 6+ limit, and the most canonical JSON can carry in any room.
     No ``origin`` key: no current PDU format has one.
 
-    Raises ValueError for inconsistent arguments and EventFormatError if the
-    result would break the size limits (other servers would drop it).
+    Raises ValueError for inconsistent arguments, EventSizeError if the
+    result would break the size limits (other servers would drop it) and
+    EventFormatError if the content is not canonical JSON (floats, say).
     """
     v12_create = room_version.room_id_is_create_event_hash and event_type == CREATE
     if v12_create:
@@ -113,7 +115,8 @@ def build_event(
         if event_type != REDACTION:
             raise ValueError("only m.room.redaction events redact")
         if room_version.redaction_rules.value >= 11:
-            data["content"].setdefault("redacts", redacts)
+            if data["content"].setdefault("redacts", redacts) != redacts:
+                raise ValueError("content.redacts differs from redacts")
         else:
             data["redacts"] = redacts
     if room_version.event_id_in_pdu:
@@ -124,7 +127,7 @@ def build_event(
     for name in ("type", "sender", "state_key", "room_id", "event_id"):
         value = data.get(name)
         if value is not None and len(value.encode("utf-8")) > 255:
-            raise EventFormatError(f"{name} is longer than 255 bytes")
+            raise EventSizeError(f"{name} is longer than 255 bytes")
 
     try:
         hash_input = encode_canonical_json(data)

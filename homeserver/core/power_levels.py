@@ -108,7 +108,7 @@ class PowerLevels:
         self.room_version = create_event.room_version
         self.exists = power_levels_event is not None
         self.content: Mapping[str, Any] = (
-            power_levels_event.content if power_levels_event is not None else {}
+            power_levels_event.data.get("content", {}) if power_levels_event is not None else {}
         )
 
     @classmethod
@@ -118,14 +118,12 @@ class PowerLevels:
             raise ValueError("power levels need the room's m.room.create event")
         return cls(auth_events.get(POWER_LEVELS_KEY), create_event)
 
-    def _parse(self, value: Any) -> int | None:
-        if type(value) is int:
-            return value
-        return parse_power_level(value, self.room_version)
-
     def named(self, name: str) -> int:
         """users_default, events_default, state_default, ban, kick, redact or invite."""
-        level = self._parse(self.content.get(name))
+        value = self.content.get(name)
+        if type(value) is int:
+            return value
+        level = parse_power_level(value, self.room_version)
         return NAMED_LEVEL_DEFAULTS[name] if level is None else level
 
     def user_level(self, user_id: str) -> int:
@@ -138,7 +136,10 @@ class PowerLevels:
             return 100 if is_creator(self.create_event, user_id) else 0
         users = self.content.get("users")
         if type(users) is dict and user_id in users:
-            level = self._parse(users[user_id])
+            value = users[user_id]
+            if type(value) is int:
+                return value
+            level = parse_power_level(value, self.room_version)
             if level is not None:
                 return level
         return self.named("users_default")
@@ -147,7 +148,10 @@ class PowerLevels:
         """The spec's "required power level" to send an event of this type."""
         events = self.content.get("events")
         if type(events) is dict and event_type in events:
-            level = self._parse(events[event_type])
+            value = events[event_type]
+            if type(value) is int:
+                return value
+            level = parse_power_level(value, self.room_version)
             if level is not None:
                 return level
         return self.named("state_default" if is_state else "events_default")

@@ -31,6 +31,7 @@ __all__ = [
     "must_redact",
     "required_signers",
     "server_name_of",
+    "signable_bytes",
     "verify_pdu_signatures",
     "verify_received_pdu",
 ]
@@ -95,9 +96,9 @@ def key_validity_ts(pdu: Pdu) -> int:
     return pdu.origin_server_ts if pdu.room_version.enforce_key_validity else 0
 
 
-def _signable(data: dict[str, Any], room_version: RoomVersion) -> bytes:
-    # Signatures cover the redacted event minus signatures/unsigned; for a
-    # redacted PDU this is also exactly the reference hash input.
+def signable_bytes(data: dict[str, Any], room_version: RoomVersion) -> bytes:
+    """What event signatures cover: canonical JSON of the redacted event
+    without signatures/unsigned - also exactly the reference hash input."""
     redacted = redact_pdu(data, room_version)
     redacted.pop("signatures", None)
     redacted.pop("unsigned", None)
@@ -117,7 +118,7 @@ def verify_pdu_signatures(
         return
     if signable is None:
         try:
-            signable = _signable(pdu.data, pdu.room_version)
+            signable = signable_bytes(pdu.data, pdu.room_version)
         except (CanonicalJsonError, UnicodeEncodeError) as e:
             raise SignatureError(f"event cannot be canonicalised: {e}") from e
     signatures = pdu.data.get("signatures")
@@ -156,7 +157,7 @@ def verify_received_pdu(
     unhashed = {k: v for k, v in data.items() if k not in _NOT_HASHED}
     try:
         hash_input = encode_canonical_json(unhashed)
-        signable = _signable(data, room_version)
+        signable = signable_bytes(data, room_version)
     except (CanonicalJsonError, UnicodeEncodeError) as e:
         raise EventFormatError(f"not canonical JSON: {e}") from e
     check_pdu_size(

@@ -36,6 +36,11 @@ class EventFormatError(ValueError):
         self.rejectable = rejectable
 
 
+class EventSizeError(EventFormatError):
+    """A size limit is broken: the whole event or one of the id-like fields
+    (clients get M_TOO_LARGE for these)."""
+
+
 def max_depth(room_version: RoomVersion) -> int:
     return MAX_DEPTH_V6 if room_version.strict_canonical_json else MAX_DEPTH_V1
 
@@ -52,10 +57,10 @@ def _lenient_byte_limits(room_version: RoomVersion) -> bool:
 
 def _check_id_size(name: str, value: str, room_version: RoomVersion) -> None:
     if len(value) > MAX_ID_SIZE:
-        raise EventFormatError(f"{name} is longer than {MAX_ID_SIZE} characters")
+        raise EventSizeError(f"{name} is longer than {MAX_ID_SIZE} characters")
     # Cheap pre-test: a string of n code points is at most 4n UTF-8 bytes.
     if len(value) * 4 > MAX_ID_SIZE and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_SIZE:
-        raise EventFormatError(
+        raise EventSizeError(
             f"{name} is longer than {MAX_ID_SIZE} bytes",
             rejectable=_lenient_byte_limits(room_version),
         )
@@ -173,7 +178,7 @@ def check_pdu_structure(data: Any, room_version: RoomVersion) -> None:
 
 def check_pdu_size(size: int) -> None:
     if size > MAX_PDU_SIZE:
-        raise EventFormatError(f"event is {size} bytes, more than {MAX_PDU_SIZE}")
+        raise EventSizeError(f"event is {size} bytes, more than {MAX_PDU_SIZE}")
 
 
 def canonical_size(data: dict[str, Any]) -> int:

@@ -97,17 +97,20 @@ def generate_access_token() -> str:
 def device_json(
     device: DeviceRecord, pending: tuple[int, str, str | None] | None
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"device_id": device.device_id}
-    if device.display_name is not None:
-        body["display_name"] = device.display_name
+    """A device as the client API shows it: every key present, null when unknown.
+
+    The spec lets unset fields be absent, but clients written against Synapse
+    (matrix-nio among them) require all four keys.
+    """
     ts, ip = device.last_seen_ts, device.last_seen_ip
     if pending is not None:
         ts, ip = pending[0], pending[1]
-    if ip is not None:
-        body["last_seen_ip"] = ip
-    if ts is not None:
-        body["last_seen_ts"] = ts
-    return body
+    return {
+        "device_id": device.device_id,
+        "display_name": device.display_name,
+        "last_seen_ip": ip,
+        "last_seen_ts": ts,
+    }
 
 
 class AccountService:
@@ -263,7 +266,9 @@ class AccountService:
     # --- registration ------------------------------------------------------------------------
     def registration_flows(self) -> list[list[str]]:
         if self.config["registration_requires_token"]:
-            return [[REGISTRATION_TOKEN]]
+            # The dummy stage after the token is what Synapse asks for, and
+            # clients written against it (matrix-nio) send it.
+            return [[REGISTRATION_TOKEN, DUMMY]]
         if self.config["enable_registration_without_verification"]:
             return [[DUMMY]]
         return []

@@ -213,14 +213,14 @@ class ProfileService:
     async def set_profile_field(self, requester: str, user_id: str, key: str, value: Any) -> None:
         """PUT /profile/{userId}/{keyName}; a null or empty displayname/avatar_url clears it."""
         check_key_name(key)
-        self._check_may_change(requester, user_id)
+        await self._check_may_change(requester, user_id)
         value = check_value(key, value)
         await self._change(user_id, key, value, delete=False)
 
     async def delete_profile_field(self, requester: str, user_id: str, key: str) -> None:
         """DELETE /profile/{userId}/{keyName}: succeeds whether or not it was set."""
         check_key_name(key)
-        self._check_may_change(requester, user_id)
+        await self._check_may_change(requester, user_id)
         await self._change(user_id, key, None, delete=True)
 
     async def set_displayname(self, requester: str, user_id: str, displayname: str | None) -> None:
@@ -229,14 +229,25 @@ class ProfileService:
     async def set_avatar_url(self, requester: str, user_id: str, avatar_url: str | None) -> None:
         await self.set_profile_field(requester, user_id, AVATAR_URL, avatar_url)
 
-    def _check_may_change(self, requester: str, user_id: str) -> None:
+    async def _check_may_change(self, requester: str, user_id: str) -> None:
         if requester != user_id:
             raise MatrixError("M_FORBIDDEN", "You may only change your own profile")
+        if await self.hs.accounts.is_suspended(user_id):
+            raise MatrixError("M_USER_SUSPENDED", "You cannot change your profile while suspended")
 
-    async def _change(self, user_id: str, key: str, value: Any, delete: bool) -> None:
+    def _lock_for(self, user_id: str) -> defer.DeferredLock:
         lock = self._locks.get(user_id)
         if lock is None:
             lock = self._locks[user_id] = defer.DeferredLock()
+        return lock
+
+    def _release(self, user_id: str, lock: defer.DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and not lock.waiting:
+            self._locks.pop(user_id, None)
+
+    async def _change(self, user_id: str, key: str, value: Any, delete: bool) -> None:
+        lock = self._lock_for(user_id)
         await lock.acquire()
         try:
             profile = await self._require(user_id)
@@ -260,9 +271,22 @@ class ProfileService:
                 self.directory.on_local_profile_changed(user_id, new.displayname, new.avatar_url)
                 await self._propagate(user_id, new)
         finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(user_id, None)
+            self._release(user_id, lock)
+
+    async def on_user_deactivated(self, user_id: str, erase: bool) -> None:
+        """A deactivation hook (``hs.accounts.deactivation_hooks``): the user leaves
+        the directory; an erased user's profile is cleared, in the rooms too."""
+        self.directory.remove_user(user_id)
+        if not erase:
+            return
+        lock = self._lock_for(user_id)
+        await lock.acquire()
+        try:
+            await self.store.erase_profile(user_id)
+            self._remember(user_id, Profile())
+            await self._propagate(user_id, Profile())
+        finally:
+            self._release(user_id, lock)
 
     # --- propagation ----------------------------------------------------------------
     async def _propagate(self, user_id: str, profile: Profile) -> None:

@@ -3,7 +3,7 @@
 Who can be found (Synapse's default, ``search_all_users: false``): users who
 share a joined room with the searcher, and users joined to a room whose join
 rule is ``public`` or whose history is ``world_readable``. Users in no room
-are never found.
+are never found; searchers find themselves only through a public room.
 
 How: an in-memory index, loaded from the database on the first search and
 then kept current from the stream of committed events (the persister's
@@ -71,6 +71,8 @@ class UserDirectory:
         self._public: set[str] = set()
         # user -> (displayname, avatar_url, folded search text)
         self._profiles: dict[str, tuple[str | None, str | None, str]] = {}
+        # Deactivated local users: never listed, whatever rooms they are still in.
+        self._hidden: set[str] = set()
         self._state = _NOT_LOADED
         # While loading: committed events (Pdu) and profile changes (tuples) to replay.
         self._queued: list[Pdu | tuple[str, str | None, str | None]] = []
@@ -184,6 +186,8 @@ class UserDirectory:
             self._public.discard(room_id)
 
     def _add_member(self, room_id: str, user_id: str, content: dict[str, Any]) -> None:
+        if user_id in self._hidden:
+            return
         self._user_rooms.setdefault(user_id, set()).add(room_id)
         self._room_users.setdefault(room_id, set()).add(user_id)
         displayname = _str_or_none(content.get("displayname"))
@@ -223,6 +227,12 @@ class UserDirectory:
             if not users:
                 del self._room_users[room_id]
 
+    def remove_user(self, user_id: str) -> None:
+        """Take a deactivated user out of the directory for good."""
+        self._hidden.add(user_id)
+        for room_id in list(self._user_rooms.get(user_id, ())):
+            self._remove_member(room_id, user_id)
+
     def _set_profile(self, user_id: str, displayname: str | None, avatar_url: str | None) -> None:
         text = fold(user_id if displayname is None else f"{user_id} {displayname}")
         self._profiles[user_id] = (displayname, avatar_url, text)
@@ -251,7 +261,8 @@ class UserDirectory:
             if not all(word in text for word in words):
                 continue
             rooms = self._user_rooms.get(user_id, ())
-            if not any(room in own_rooms or room in public for room in rooms):
+            shared = own_rooms if user_id != searcher else ()
+            if not any(room in public or room in shared for room in rooms):
                 continue
             matches.append(
                 ((self._rank(user_id, displayname, words), displayname is None, user_id), user_id)

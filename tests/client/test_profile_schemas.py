@@ -30,7 +30,9 @@ def request_examples(operation: dict) -> list:
 def property_example(operation: dict) -> dict:
     """A body built from the per-property examples of the request schema."""
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
-    return {name: prop["example"] for name, prop in schema["properties"].items() if "example" in prop}
+    return {
+        name: prop["example"] for name, prop in schema["properties"].items() if "example" in prop
+    }
 
 
 def profile_field_examples() -> list[tuple[str, dict]]:

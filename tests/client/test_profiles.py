@@ -43,6 +43,7 @@ FAST = {"per_second": 1000, "burst_count": 10000}
 OVERRIDES: dict[str, Any] = {
     "enable_registration": True,
     "enable_registration_without_verification": True,
+    "allow_guest_access": True,
     "rc_registration": FAST,
     "rc_message": FAST,
     "rc_login": {"address": FAST, "account": FAST, "failed_attempts": FAST},
@@ -80,12 +81,14 @@ async def register(server, name: str) -> AsyncClient:
     return client
 
 
-async def call(server, method: str, path: str, client: AsyncClient | None = None,
-               body: Any = None) -> tuple[int, Any]:
+async def call(
+    server, method: str, path: str, client: Any = None, body: Any = None
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {client.access_token}"} if client else {}
-    async with aiohttp.ClientSession() as session, session.request(
-        method, server.base_url + path, json=body, headers=headers
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, server.base_url + path, json=body, headers=headers) as response,
+    ):
         return response.status, await response.json()
 
 
@@ -95,8 +98,7 @@ def profile_path(user_id: str, key: str | None = None, prefix: str = CLIENT) -> 
 
 
 def member_path(room_id: str, user_id: str) -> str:
-    return (f"{CLIENT}/rooms/{quote(room_id, safe='')}/state/m.room.member/"
-            f"{quote(user_id, safe='')}")
+    return f"{CLIENT}/rooms/{quote(room_id, safe='')}/state/m.room.member/{quote(user_id, safe='')}"
 
 
 async def member_content(server, client: AsyncClient, room_id: str, user_id: str) -> dict:
@@ -129,10 +131,12 @@ def test_set_get_and_refusals(server):
         alice = await register(server, f"alice{t}")
         bob = await register(server, f"bob{t}")
         try:
-            assert isinstance(await alice.set_displayname(f"Alice {t}"),
-                              ProfileSetDisplayNameResponse)
-            assert isinstance(await alice.set_avatar("mxc://example.org/Avatar_1"),
-                              ProfileSetAvatarResponse)
+            assert isinstance(
+                await alice.set_displayname(f"Alice {t}"), ProfileSetDisplayNameResponse
+            )
+            assert isinstance(
+                await alice.set_avatar("mxc://example.org/Avatar_1"), ProfileSetAvatarResponse
+            )
             name = await bob.get_displayname(alice.user_id)
             assert isinstance(name, ProfileGetDisplayNameResponse)
             assert name.displayname == f"Alice {t}"
@@ -142,23 +146,40 @@ def test_set_get_and_refusals(server):
             profile = await bob.get_profile(alice.user_id)
             assert isinstance(profile, ProfileGetResponse)
             assert (profile.displayname, profile.avatar_url) == (
-                f"Alice {t}", "mxc://example.org/Avatar_1")
+                f"Alice {t}",
+                "mxc://example.org/Avatar_1",
+            )
             # The old r0 prefix, and no access token needed to read.
-            assert await call(server, "GET", profile_path(alice.user_id, prefix="/_matrix/client/r0")) == (
-                200, {"displayname": f"Alice {t}", "avatar_url": "mxc://example.org/Avatar_1"})
+            assert await call(
+                server, "GET", profile_path(alice.user_id, prefix="/_matrix/client/r0")
+            ) == (200, {"displayname": f"Alice {t}", "avatar_url": "mxc://example.org/Avatar_1"})
 
             # Custom fields (spec v1.16): m.tz and a namespaced key, then DELETE.
-            assert await call(server, "PUT", profile_path(alice.user_id, "m.tz"), alice,
-                              {"m.tz": "Europe/London"}) == (200, {})
-            assert await call(server, "PUT", profile_path(alice.user_id, "org.example.pets"),
-                              alice, {"org.example.pets": ["cat", {"name": "Dinah"}]}) == (200, {})
+            assert await call(
+                server, "PUT", profile_path(alice.user_id, "m.tz"), alice, {"m.tz": "Europe/London"}
+            ) == (200, {})
+            assert await call(
+                server,
+                "PUT",
+                profile_path(alice.user_id, "org.example.pets"),
+                alice,
+                {"org.example.pets": ["cat", {"name": "Dinah"}]},
+            ) == (200, {})
             status, body = await call(server, "GET", profile_path(alice.user_id))
-            assert body == {"displayname": f"Alice {t}", "avatar_url": "mxc://example.org/Avatar_1",
-                            "m.tz": "Europe/London", "org.example.pets": ["cat", {"name": "Dinah"}]}
+            assert body == {
+                "displayname": f"Alice {t}",
+                "avatar_url": "mxc://example.org/Avatar_1",
+                "m.tz": "Europe/London",
+                "org.example.pets": ["cat", {"name": "Dinah"}],
+            }
             assert await call(server, "GET", profile_path(alice.user_id, "m.tz")) == (
-                200, {"m.tz": "Europe/London"})
+                200,
+                {"m.tz": "Europe/London"},
+            )
             assert await call(server, "DELETE", profile_path(alice.user_id, "m.tz"), alice) == (
-                200, {})
+                200,
+                {},
+            )
             status, body = await call(server, "GET", profile_path(alice.user_id, "m.tz"))
             assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
 
@@ -167,14 +188,26 @@ def test_set_get_and_refusals(server):
                 return status, result.get("errcode")
 
             # Only yourself.
-            assert await refused("PUT", profile_path(alice.user_id, "displayname"), bob,
-                                 {"displayname": "Mallory"}) == (403, "M_FORBIDDEN")
-            assert await refused("PUT", profile_path(alice.user_id, "avatar_url"), bob,
-                                 {"avatar_url": "mxc://evil.example/x"}) == (403, "M_FORBIDDEN")
+            assert await refused(
+                "PUT", profile_path(alice.user_id, "displayname"), bob, {"displayname": "Mallory"}
+            ) == (403, "M_FORBIDDEN")
+            assert await refused(
+                "PUT",
+                profile_path(alice.user_id, "avatar_url"),
+                bob,
+                {"avatar_url": "mxc://evil.example/x"},
+            ) == (403, "M_FORBIDDEN")
             assert await refused("DELETE", profile_path(alice.user_id, "displayname"), bob) == (
-                403, "M_FORBIDDEN")
-            status, _ = await call(server, "PUT", profile_path(alice.user_id, "displayname"),
-                                   None, {"displayname": "Nobody"})
+                403,
+                "M_FORBIDDEN",
+            )
+            status, _ = await call(
+                server,
+                "PUT",
+                profile_path(alice.user_id, "displayname"),
+                None,
+                {"displayname": "Nobody"},
+            )
             assert status == 401
             # Bad values.
             own = profile_path(alice.user_id, "avatar_url")
@@ -185,25 +218,55 @@ def test_set_get_and_refusals(server):
             assert (await refused("PUT", own, alice, {"displayname": "x" * 257}))[0] == 400
             assert await refused("PUT", own, alice, {"displayname": 12}) == (400, "M_BAD_JSON")
             assert await refused("PUT", own, alice, {"name": "x"}) == (400, "M_MISSING_PARAM")
-            assert await refused("PUT", profile_path(alice.user_id, "Not A Key"), alice,
-                                 {"Not A Key": 1}) == (400, "M_INVALID_PARAM")
+            assert await refused(
+                "PUT", profile_path(alice.user_id, "Not A Key"), alice, {"Not A Key": 1}
+            ) == (400, "M_INVALID_PARAM")
             # Unknown users, and users of other servers.
-            assert await refused("GET", profile_path(f"@nobody{t}:{server.server_name}"),
-                                 None) == (404, "M_NOT_FOUND")
-            assert await refused("GET", profile_path(f"@nobody{t}:{server.server_name}",
-                                                     "displayname"), None) == (404, "M_NOT_FOUND")
-            assert await refused("GET", profile_path("@someone:elsewhere.example"),
-                                 None) == (404, "M_NOT_FOUND")
+            assert await refused("GET", profile_path(f"@nobody{t}:{server.server_name}"), None) == (
+                404,
+                "M_NOT_FOUND",
+            )
+            assert await refused(
+                "GET", profile_path(f"@nobody{t}:{server.server_name}", "displayname"), None
+            ) == (404, "M_NOT_FOUND")
+            assert await refused("GET", profile_path("@someone:elsewhere.example"), None) == (
+                404,
+                "M_NOT_FOUND",
+            )
+            # Guests may change their display name, and nothing else.
+            status, guest = await call(server, "POST", f"{CLIENT}/register?kind=guest", None, {})
+            assert status == 200, guest
+            as_guest = SimpleNamespace(access_token=guest["access_token"])
+            assert await call(
+                server,
+                "PUT",
+                profile_path(guest["user_id"], "displayname"),
+                as_guest,
+                {"displayname": "Guest"},
+            ) == (200, {})
+            assert await refused(
+                "PUT",
+                profile_path(guest["user_id"], "avatar_url"),
+                as_guest,
+                {"avatar_url": "mxc://a.example/b"},
+            ) == (403, "M_GUEST_ACCESS_FORBIDDEN")
             # Nothing changed.
             assert (await bob.get_displayname(alice.user_id)).displayname == f"Alice {t}"
 
             # Clearing: null (or "") removes the field.
-            assert await call(server, "PUT", profile_path(alice.user_id, "avatar_url"), alice,
-                              {"avatar_url": None}) == (200, {})
+            assert await call(
+                server,
+                "PUT",
+                profile_path(alice.user_id, "avatar_url"),
+                alice,
+                {"avatar_url": None},
+            ) == (200, {})
             status, body = await call(server, "GET", profile_path(alice.user_id, "avatar_url"))
             assert status == 404
             assert (await call(server, "GET", profile_path(alice.user_id)))[1] == {
-                "displayname": f"Alice {t}", "org.example.pets": ["cat", {"name": "Dinah"}]}
+                "displayname": f"Alice {t}",
+                "org.example.pets": ["cat", {"name": "Dinah"}],
+            }
         finally:
             await asyncio.gather(alice.close(), bob.close())
 
@@ -225,14 +288,18 @@ def test_changes_reach_every_joined_room(server):
             await alice.room_leave(left)
             for room_id in (public, shared):
                 assert (await member_content(server, alice, room_id, alice.user_id))[
-                    "displayname"] == "Alice One"
+                    "displayname"
+                ] == "Alice One"
 
             await alice.set_displayname("Alice Two")
             await alice.set_avatar("mxc://example.org/AliceTwo")
             for room_id in (public, shared):
                 content = await member_content(server, bob, room_id, alice.user_id)
-                assert content == {"membership": "join", "displayname": "Alice Two",
-                                   "avatar_url": "mxc://example.org/AliceTwo"}
+                assert content == {
+                    "membership": "join",
+                    "displayname": "Alice Two",
+                    "avatar_url": "mxc://example.org/AliceTwo",
+                }
             members = await bob.joined_members(shared)
             assert isinstance(members, JoinedMembersResponse)
             by_id = {m.user_id: m for m in members.members}
@@ -245,21 +312,28 @@ def test_changes_reach_every_joined_room(server):
                 assert body["membership"] == "leave" and body.get("displayname") != "Alice Two"
 
             # Clearing the name removes it from the member events.
-            await call(server, "PUT", profile_path(alice.user_id, "displayname"), alice,
-                       {"displayname": None})
+            await call(
+                server,
+                "PUT",
+                profile_path(alice.user_id, "displayname"),
+                alice,
+                {"displayname": None},
+            )
             for room_id in (public, shared):
                 content = await member_content(server, bob, room_id, alice.user_id)
-                assert content == {"membership": "join",
-                                   "avatar_url": "mxc://example.org/AliceTwo"}
+                assert content == {"membership": "join", "avatar_url": "mxc://example.org/AliceTwo"}
             # A custom field is no member event's business.
-            await call(server, "PUT", profile_path(alice.user_id, "m.tz"), alice,
-                       {"m.tz": "Europe/Paris"})
+            await call(
+                server, "PUT", profile_path(alice.user_id, "m.tz"), alice, {"m.tz": "Europe/Paris"}
+            )
             assert "m.tz" not in await member_content(server, bob, shared, alice.user_id)
             # A new join carries the current profile.
             later = await create_room(bob, invite=(alice.user_id,))
             await alice.join(later)
             assert await member_content(server, bob, later, alice.user_id) == {
-                "membership": "join", "avatar_url": "mxc://example.org/AliceTwo"}
+                "membership": "join",
+                "avatar_url": "mxc://example.org/AliceTwo",
+            }
         finally:
             await asyncio.gather(alice.close(), bob.close())
 
@@ -270,8 +344,13 @@ def test_user_directory_visibility(server):
     async def scenario() -> None:
         t = tag()
         names = ("alice", "carol", "dave", "erin", "frank")
-        c = dict(zip(names, await asyncio.gather(*(register(server, f"{n}{t}") for n in names)),
-                     strict=True))
+        c = dict(
+            zip(
+                names,
+                await asyncio.gather(*(register(server, f"{n}{t}") for n in names)),
+                strict=True,
+            )
+        )
         alice, carol, dave, erin, frank = (c[n] for n in names)
         try:
             await carol.set_displayname(f"Carol Hidden{t}")
@@ -291,8 +370,11 @@ def test_user_directory_visibility(server):
             assert ids(result) == {dave.user_id, erin.user_id}
             assert result["limited"] is False
             dave_entry = next(r for r in result["results"] if r["user_id"] == dave.user_id)
-            assert dave_entry == {"user_id": dave.user_id, "display_name": f"Dave Open{t}",
-                                  "avatar_url": "mxc://example.org/Dave"}
+            assert dave_entry == {
+                "user_id": dave.user_id,
+                "display_name": f"Dave Open{t}",
+                "avatar_url": "mxc://example.org/Dave",
+            }
             # Case-insensitive, on display names and user ids.
             assert ids(await search(server, alice, f"ERIN shared{t.upper()}")) == {erin.user_id}
             assert ids(await search(server, alice, f"@erin{t}")) == {erin.user_id}
@@ -306,8 +388,11 @@ def test_user_directory_visibility(server):
 
             # Memberships and names change; the directory follows.
             await carol.join(public)
-            assert ids(await search(server, alice, t)) == {carol.user_id, dave.user_id,
-                                                            erin.user_id}
+            assert ids(await search(server, alice, t)) == {
+                carol.user_id,
+                dave.user_id,
+                erin.user_id,
+            }
             await dave.set_displayname(f"Dave Renamed{t}")
             assert ids(await search(server, alice, f"renamed{t}")) == {dave.user_id}
             assert ids(await search(server, alice, f"open{t}")) == set()
@@ -325,7 +410,8 @@ def test_user_directory_visibility(server):
         try:
             assert ids(await search(server, other, t)) == {carol.user_id}
             assert (await search(server, other, f"hidden{t}"))["results"] == [
-                {"user_id": carol.user_id, "display_name": f"Carol Hidden{t}"}]
+                {"user_id": carol.user_id, "display_name": f"Carol Hidden{t}"}
+            ]
         finally:
             await other.close()
 
@@ -345,8 +431,13 @@ def result_of(coro: Any) -> Any:
 
 
 def member(user_id: str, room_id: str, content: dict) -> SimpleNamespace:
-    return SimpleNamespace(type="m.room.member", state_key=user_id, room_id=room_id,
-                           content=content, membership=content.get("membership"))
+    return SimpleNamespace(
+        type="m.room.member",
+        state_key=user_id,
+        room_id=room_id,
+        content=content,
+        membership=content.get("membership"),
+    )
 
 
 def state(event_type: str, room_id: str, content: dict) -> SimpleNamespace:
@@ -387,13 +478,20 @@ def fake_profile_service(rooms: dict[str, SimpleNamespace], failing: set[str]) -
             raise MatrixError("M_FORBIDDEN", "this room refuses")
         sent.append((room_id, content))
 
+    async def is_suspended(user_id):
+        return user_id == "@suspended:test"
+
     async def get_rooms_for_user(user_id, membership):
         return [r for r, pdu in rooms.items() if pdu.membership == membership]
 
     hs = SimpleNamespace(
-        database=None, server_name="test", persister=SimpleNamespace(on_persisted=[]),
-        room_states=SimpleNamespace(get=get_room), room_sender=SimpleNamespace(send=send),
+        database=None,
+        server_name="test",
+        persister=SimpleNamespace(on_persisted=[]),
+        room_states=SimpleNamespace(get=get_room),
+        room_sender=SimpleNamespace(send=send),
         events_store=SimpleNamespace(get_rooms_for_user=get_rooms_for_user),
+        accounts=SimpleNamespace(is_suspended=is_suspended),
     )
     service = ProfileService(hs)
     service.store = FakeProfileStore({"@a:test": StoredProfile("Old", None, {})})
@@ -405,9 +503,16 @@ def test_one_failing_room_does_not_stop_the_others():
         f"!{i}:test": member("@a:test", f"!{i}:test", {"membership": "join", "displayname": "Old"})
         for i in range(40)
     }
-    rooms["!custom:test"] = member("@a:test", "!custom:test", {
-        "membership": "join", "displayname": "Room nick", "reason": "hello",
-        "org.example.flair": "gold"})
+    rooms["!custom:test"] = member(
+        "@a:test",
+        "!custom:test",
+        {
+            "membership": "join",
+            "displayname": "Room nick",
+            "reason": "hello",
+            "org.example.flair": "gold",
+        },
+    )
     rooms["!gone:test"] = member("@a:test", "!gone:test", {"membership": "leave"})
     failing = {"!3:test", "!17:test"}
     service, sent = fake_profile_service(rooms, failing)
@@ -418,8 +523,11 @@ def test_one_failing_room_does_not_stop_the_others():
     contents = dict(sent)
     assert contents["!5:test"] == {"membership": "join", "displayname": "New"}
     # Other content is kept; what described the old join is not.
-    assert contents["!custom:test"] == {"membership": "join", "displayname": "New",
-                                        "org.example.flair": "gold"}
+    assert contents["!custom:test"] == {
+        "membership": "join",
+        "displayname": "New",
+        "org.example.flair": "gold",
+    }
     assert result_of(service.get_local_profile("@a:test")) == {"displayname": "New"}
 
 
@@ -436,6 +544,9 @@ def test_profile_reads_come_from_memory_and_refusals():
     with pytest.raises(MatrixError) as e:
         result_of(service.set_avatar_url("@a:test", "@a:test", "http://x/y"))
     assert (e.value.status, e.value.errcode) == (400, "M_INVALID_PARAM")
+    with pytest.raises(MatrixError) as e:
+        result_of(service.set_displayname("@suspended:test", "@suspended:test", "Hi"))
+    assert (e.value.status, e.value.errcode) == (403, "M_USER_SUSPENDED")
     with pytest.raises(MatrixError) as e:
         result_of(service.get_profile("@x:other.example"))
     assert e.value.status == 404 and "other servers" in e.value.message
@@ -461,49 +572,91 @@ class FakeProfiles:
 
 def test_directory_index_loads_and_follows_events():
     snapshot = DirectorySnapshot(
-        joined=[("!pub:test", "@dave:test"), ("!priv:test", "@carol:test"),
-                ("!shared:test", "@alice:test"), ("!shared:test", "@erin:remote.example")],
-        room_settings=[("!pub:test", "m.room.join_rules", {"join_rule": "public"}),
-                       ("!priv:test", "m.room.join_rules", {"join_rule": "invite"})],
-        local_profiles={"@dave:test": ("Dave", "mxc://test/d"), "@carol:test": ("Carol", None),
-                        "@alice:test": ("Alice", None)},
+        joined=[
+            ("!pub:test", "@dave:test"),
+            ("!priv:test", "@carol:test"),
+            ("!shared:test", "@alice:test"),
+            ("!shared:test", "@erin:remote.example"),
+        ],
+        room_settings=[
+            ("!pub:test", "m.room.join_rules", {"join_rule": "public"}),
+            ("!priv:test", "m.room.join_rules", {"join_rule": "invite"}),
+        ],
+        local_profiles={
+            "@dave:test": ("Dave", "mxc://test/d"),
+            "@carol:test": ("Carol", None),
+            "@alice:test": ("Alice", None),
+        },
         remote_profiles={"@erin:remote.example": ("Erin", None)},
     )
     store = FakeDirectoryStore(snapshot)
     directory = UserDirectory(store, "test", FakeProfiles())
-    directory.on_persisted([SimpleNamespace(pdu=member("@x:test", "!pub:test", {
-        "membership": "join"}))])  # before any search: the load will read it
+    directory.on_persisted(
+        [SimpleNamespace(pdu=member("@x:test", "!pub:test", {"membership": "join"}))]
+    )  # before any search: the load will read it
 
     searching = defer.ensureDeferred(directory.search("@alice:test", "e", limit=10))
     # Events that commit while the snapshot is being read are replayed on top of it.
-    directory.on_persisted([
-        SimpleNamespace(pdu=state("m.room.join_rules", "!priv:test", {"join_rule": "public"})),
-        SimpleNamespace(pdu=member("@new:test", "!priv:test", {
-            "membership": "join", "displayname": "room nickname"})),
-        SimpleNamespace(pdu=member("@dave:test", "!pub:test", {"membership": "leave"})),
-    ])
+    directory.on_persisted(
+        [
+            SimpleNamespace(pdu=state("m.room.join_rules", "!priv:test", {"join_rule": "public"})),
+            SimpleNamespace(
+                pdu=member(
+                    "@new:test",
+                    "!priv:test",
+                    {"membership": "join", "displayname": "room nickname"},
+                )
+            ),
+            SimpleNamespace(pdu=member("@dave:test", "!pub:test", {"membership": "leave"})),
+        ]
+    )
     directory.on_local_profile_changed("@carol:test", "Caroline", None)
     store.loading.callback(snapshot)
     result = result_of(searching)
-    # erin starts a name part ("erin"); the others only contain an "e".
+    # erin starts a name part ("erin"); the others only contain an "e". The
+    # searcher is not in a public room, so not among the results.
     assert [r["user_id"] for r in result["results"]] == [
-        "@erin:remote.example", "@alice:test", "@carol:test", "@new:test"]
-    assert result["results"][2]["display_name"] == "Caroline"
+        "@erin:remote.example",
+        "@carol:test",
+        "@new:test",
+    ]
+    assert result["results"][1]["display_name"] == "Caroline"
     # A local user's entry is the global profile, not a room nickname.
-    assert result["results"][3]["display_name"] == "Newcomer"
+    assert result["results"][2]["display_name"] == "Newcomer"
 
     # Ranking: whole name first, then word prefixes, then the rest.
-    assert [r["user_id"] for r in result_of(directory.search("@alice:test", "erin"))[
-        "results"]] == ["@erin:remote.example"]
-    directory.on_persisted([SimpleNamespace(pdu=member("@zerina:remote.example", "!shared:test", {
-        "membership": "join", "displayname": "Zerina"}))])
-    directory.on_persisted([SimpleNamespace(pdu=member("@erinson:remote.example", "!shared:test", {
-        "membership": "join", "displayname": "Someone"}))])
-    assert [r["user_id"] for r in result_of(directory.search("@alice:test", "erin"))[
-        "results"]] == ["@erin:remote.example", "@erinson:remote.example", "@zerina:remote.example"]
+    assert [
+        r["user_id"] for r in result_of(directory.search("@alice:test", "erin"))["results"]
+    ] == ["@erin:remote.example"]
+    directory.on_persisted(
+        [
+            SimpleNamespace(
+                pdu=member(
+                    "@zerina:remote.example",
+                    "!shared:test",
+                    {"membership": "join", "displayname": "Zerina"},
+                )
+            )
+        ]
+    )
+    directory.on_persisted(
+        [
+            SimpleNamespace(
+                pdu=member(
+                    "@erinson:remote.example",
+                    "!shared:test",
+                    {"membership": "join", "displayname": "Someone"},
+                )
+            )
+        ]
+    )
+    assert [
+        r["user_id"] for r in result_of(directory.search("@alice:test", "erin"))["results"]
+    ] == ["@erin:remote.example", "@erinson:remote.example", "@zerina:remote.example"]
     assert result_of(directory.search("@alice:test", "erin", limit=2))["limited"] is True
     assert result_of(directory.search("@alice:test", "   "))["results"] == []
     # Leaving the last shared room hides a remote user again.
-    directory.on_persisted([SimpleNamespace(pdu=member("@alice:test", "!shared:test", {
-        "membership": "leave"}))])
+    directory.on_persisted(
+        [SimpleNamespace(pdu=member("@alice:test", "!shared:test", {"membership": "leave"}))]
+    )
     assert result_of(directory.search("@alice:test", "erin"))["results"] == []

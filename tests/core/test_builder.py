@@ -27,7 +27,12 @@ from crypto.keys import generate_signing_key
 from homeserver.core.builder import build_event, make_v1_event_id, reference_hash_b64
 from homeserver.core.room_versions import KNOWN_ROOM_VERSIONS
 from homeserver.core.signatures import content_hash_matches
-from homeserver.core.validation import EventFormatError, check_pdu_format
+from homeserver.core.validation import (
+    EventFormatError,
+    EventSizeError,
+    canonical_size,
+    check_pdu_format,
+)
 
 SPEC_DATA = Path(__file__).parents[2].parent / "shared/matrix-spec/data"
 V = KNOWN_ROOM_VERSIONS
@@ -244,20 +249,18 @@ def test_depth_is_capped(rv):
 
 def test_size_limits():
     rv = V["11"]
-    with pytest.raises(EventFormatError, match="bytes"):
+    with pytest.raises(EventSizeError, match="bytes"):
         build(rv, content={"body": "x" * 65536})
-    with pytest.raises(EventFormatError):
+    with pytest.raises(EventSizeError):
         build(rv, content={"body": "x" * 65000}, unsigned={"pad": "y" * 1000})
-    with pytest.raises(EventFormatError, match="type"):
+    with pytest.raises(EventSizeError, match="type"):
         build(rv, event_type="t" * 256)
-    with pytest.raises(EventFormatError, match="state_key"):
+    with pytest.raises(EventSizeError, match="state_key"):
         build(rv, event_type="m.room.name", state_key="é" * 128)
     with pytest.raises(EventFormatError, match="canonical"):
         build(rv, content={"n": 1.5})
     # Just under the limit builds, and passes the receiver's check.
     base = build(rv, content={"body": ""})
-    from homeserver.core.validation import canonical_size
-
     room = 65536 - canonical_size(base.data)
     check_pdu_format(build(rv, content={"body": "x" * room}).data, rv)
 

@@ -27,7 +27,7 @@ from crypto.keys import generate_signing_key
 from homeserver.core.events import Pdu, reference_hash
 from homeserver.core.redaction import redact_pdu
 from homeserver.core.room_versions import KNOWN_ROOM_VERSIONS
-from homeserver.core.signatures import _signable
+from homeserver.core.signatures import signable_bytes
 
 KEY = generate_signing_key("diff")
 SYNAPSE_KEY = decode_signing_key_base64("ed25519", "diff", encode_base64(bytes(KEY.signing_key)))
@@ -225,7 +225,7 @@ def test_signature_of_redacted_event(case):
     theirs = compute_event_signature(
         SYNAPSE_VERSIONS[rv.identifier], copy.deepcopy(data), "hs", SYNAPSE_KEY
     )
-    ours = encode_base64(KEY.signing_key.sign(_signable(data, rv)).signature)
+    ours = encode_base64(KEY.signing_key.sign(signable_bytes(data, rv)).signature)
     assert theirs == {"hs": {KEY.key_id: ours}}
 
 

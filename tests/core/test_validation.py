@@ -22,6 +22,7 @@ from homeserver.core.signatures import (
 from homeserver.core.validation import (
     MAX_PDU_SIZE,
     EventFormatError,
+    EventSizeError,
     canonical_size,
     check_pdu_format,
     size_with_members,
@@ -200,10 +201,11 @@ def test_id_size_limits(rv, key):
     data[key] = at_limit
     check_pdu_format(data, rv)
     data[key] = sigil + "x" + at_limit[len(sigil) :]
-    with pytest.raises(EventFormatError) as err:
+    with pytest.raises(EventSizeError) as err:
         check_pdu_format(data, rv)
     assert not err.value.rejectable  # too many code points: always dropped
-    # 100 code points but 300 bytes: Synapse stores these as rejected in rooms 1-10.
+    # Under 255 code points but over 255 bytes: Synapse stores these as rejected
+    # (not dropped) in rooms 1-10.
     data[key] = sigil + "é" * 150 + ":hs"
     with pytest.raises(EventFormatError, match="bytes") as err:
         check_pdu_format(data, rv)
@@ -219,7 +221,7 @@ def test_whole_event_size(rv):
     assert canonical_size(data) == MAX_PDU_SIZE
     check_pdu_format(data, rv)
     data["content"]["pad"] += "x"
-    with pytest.raises(EventFormatError, match="bytes"):
+    with pytest.raises(EventSizeError, match="bytes"):
         check_pdu_format(data, rv)
     assert base < MAX_PDU_SIZE
     # Signatures count too.

@@ -19,7 +19,7 @@ returns the ``ChainEntry`` to persist; ``load`` rebuilds an index from them.
 """
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -68,6 +68,7 @@ class ChainIndex:
         self._linked_to: dict[tuple[int, int], int] = {}
         # Reverse links per target chain as (target seq, chain, seq); sorted lazily.
         self._reverse: dict[int, list[tuple[int, int, int]]] = {}
+        self._reverse_seqs: dict[int, list[int]] = {}
         self._reverse_dirty: set[int] = set()
         self._next_chain_id = 1
 
@@ -224,22 +225,41 @@ class ChainIndex:
 
         A state set reaches its own events as well as their auth chains, as in
         Synapse; see docs/state-resolution.md for why this reading is used.
-
-        Events common to every set reach the same things from each, so the
-        difference is that of the other events' reaches, minus whatever the
-        common events reach. Only that last part involves the (large) common
-        state, and it is asked position by position (``_CommonReach``) for
-        the few chains where the other events disagree.
         """
         if len(state_sets) < 2:
             return set()
         sets = [s if isinstance(s, set | frozenset) else set(s) for s in state_sets]
-        common = set.intersection(*sets) if isinstance(sets[0], set) else sets[0].intersection(*sets[1:])
-        extras = [self._reach(self._starts(s - common).items()) for s in sets]
-        common_reach = _CommonReach(self, self._starts(common))
+        common = sets[0].intersection(*sets[1:])
+        tops = self._starts(common)
+        return self._difference([s - common for s in sets], tops.get)
+
+    def auth_difference_of(
+        self, unconflicted: Mapping[StateKey, str], conflicted_by_set: Sequence[Collection[str]]
+    ) -> set[str]:
+        """``auth_difference`` of state sets given as their unconflicted state
+        map and each set's other (conflicted) events; the fast path used by
+        state resolution, which never looks at the unconflicted events one by
+        one: a chain holds at most one of them, the one under its state key."""
+        position = self._position
+
+        def top(chain_id: int) -> int:
+            event_id = unconflicted.get(self._chain_key[chain_id])
+            at = position.get(event_id) if event_id is not None else None
+            return at[1] if at is not None and at[0] == chain_id else 0
+
+        return self._difference(conflicted_by_set, top)
+
+    def _difference(
+        self, extras: Sequence[Collection[str]], common_top: Callable[[int], int | None]
+    ) -> set[str]:
+        """The difference is that of what the non-common events reach, minus
+        whatever the common events reach; that last part is asked position by
+        position (``_CommonReach``) for the few chains where it matters."""
+        reaches = [self._reach(self._starts(extra).items()) for extra in extras]
+        common_reach = _CommonReach(self, common_top)
         difference: set[str] = set()
-        for chain_id in set().union(*extras):
-            maxima = [extra.get(chain_id, 0) for extra in extras]
+        for chain_id in set().union(*reaches):
+            maxima = [reach.get(chain_id, 0) for reach in reaches]
             low, high = min(maxima), max(maxima)
             if low < high:
                 floor = common_reach.highest_reached(chain_id, low, high)
@@ -247,13 +267,15 @@ class ChainIndex:
         return difference
 
     def _reverse_links(self, chain_id: int) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Links into a chain sorted by target seq, with those seqs for bisect."""
         links = self._reverse.get(chain_id)
         if not links:
             return [], []
         if chain_id in self._reverse_dirty:
             links.sort()
+            self._reverse_seqs[chain_id] = [link[0] for link in links]
             self._reverse_dirty.discard(chain_id)
-        return links, [link[0] for link in links]
+        return links, self._reverse_seqs[chain_id]
 
     def _between(self, event_ids: Collection[str]) -> tuple[Reach, Reach]:
         """Per-chain seq ranges [low, high] of events on a path between two
@@ -292,14 +314,18 @@ class _CommonReach:
     its chain is reached.
     """
 
-    def __init__(self, index: ChainIndex, common_tops: Reach) -> None:
+    def __init__(self, index: ChainIndex, common_top: Callable[[int], int | None]) -> None:
         self._index = index
-        self._tops = common_tops
+        self._common_top = common_top
+        self._tops: Reach = {}  # chain -> seq of the common event on it (0: none)
         self._reached: Reach = {}  # chain -> highest seq known reached
         self._unreached: Reach = {}  # chain -> lowest seq known unreached
 
     def _covered(self, chain_id: int, seq: int) -> bool:
-        return seq <= self._tops.get(chain_id, 0) or seq <= self._reached.get(chain_id, 0)
+        top = self._tops.get(chain_id)
+        if top is None:
+            top = self._tops[chain_id] = self._common_top(chain_id) or 0
+        return seq <= top or seq <= self._reached.get(chain_id, 0)
 
     def reaches(self, chain_id: int, seq: int) -> bool:
         if self._covered(chain_id, seq):

@@ -30,16 +30,19 @@ def separate(
 
     A key is unconflicted only if every state set has it, with the same event.
     """
-    maps = [s if isinstance(s, dict) else dict(s) for s in state_sets]
-    same = maps[0].items() & maps[1].items() if len(maps) > 1 else maps[0].items()
-    for state in maps[2:]:
-        same &= state.items()
-    unconflicted = dict(same)
+    first, rest = state_sets[0], state_sets[1:]
+    unconflicted: dict[StateKey, str] = {}
     conflicted: dict[StateKey, set[str]] = {}
-    for state in maps:
-        for key, event_id in state.items():
-            if key not in unconflicted:
-                conflicted.setdefault(key, set()).add(event_id)
+    for key, event_id in first.items():
+        for other in rest:
+            if other.get(key) != event_id:
+                conflicted[key] = {event_id}
+                break
+        else:
+            unconflicted[key] = event_id
+    for other in rest:
+        for key in other.keys() - unconflicted.keys():
+            conflicted.setdefault(key, set()).add(other[key])
     return unconflicted, conflicted
 
 
@@ -63,12 +66,20 @@ class Resolver:
         self.source = source
         self.auth_index = auth_index
         self._pdus: dict[str, Pdu] = {}
+        self._auth_ids: dict[str, tuple[str, ...]] = {}
 
     def event(self, event_id: str) -> Pdu:
         pdu = self._pdus.get(event_id)
         if pdu is None:
             pdu = self._pdus[event_id] = self.source.get_event(event_id)
         return pdu
+
+    def auth_event_ids(self, event: Pdu) -> tuple[str, ...]:
+        """``effective_auth_event_ids``, parsed once per event."""
+        ids = self._auth_ids.get(event.event_id)
+        if ids is None:
+            ids = self._auth_ids[event.event_id] = effective_auth_event_ids(event)
+        return ids
 
     def state_key_of(self, event_id: str) -> StateKey | None:
         """Read from the index when possible, so auth events we only need to
@@ -80,7 +91,7 @@ class Resolver:
         return pdu.state_tuple if pdu.is_state else None
 
     def auth_event_with_key(self, event: Pdu, key: StateKey) -> str | None:
-        for auth_id in effective_auth_event_ids(event):
+        for auth_id in self.auth_event_ids(event):
             if self.state_key_of(auth_id) == key:
                 return auth_id
         return None
@@ -103,7 +114,7 @@ class Resolver:
         children: dict[str, list[str]] = {e: [] for e in selected}
         waiting = {}
         for event_id in selected:
-            parents = set(effective_auth_event_ids(self.event(event_id))) & selected
+            parents = set(self.auth_event_ids(self.event(event_id))) & selected
             waiting[event_id] = len(parents)
             for parent in parents:
                 children[parent].append(event_id)
@@ -168,18 +179,18 @@ class Resolver:
         comes from the event's own auth events, unless that auth event was
         rejected. Room 12's create event is always among its auth events.
         """
-        source = self.source
+        is_rejected, get_event = self.source.is_rejected, self.event
         for event_id in event_ids:
-            event = self.event(event_id)
+            event = get_event(event_id)
             auth_events: dict[StateKey, Pdu] = {}
-            for auth_id in effective_auth_event_ids(event):
-                if not source.is_rejected(auth_id):
-                    auth_event = self.event(auth_id)
+            for auth_id in self.auth_event_ids(event):
+                if not is_rejected(auth_id):
+                    auth_event = get_event(auth_id)
                     auth_events[auth_event.state_tuple] = auth_event
             for key in (CREATE_KEY, *auth_state_keys_for_pdu(event)):
                 state_id = state.get(key)
                 if state_id is not None:
-                    auth_events[key] = self.event(state_id)
+                    auth_events[key] = get_event(state_id)
             try:
                 check_auth_rules(event, auth_events)
             except AuthError:

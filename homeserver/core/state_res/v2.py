@@ -34,7 +34,8 @@ def full_conflicted_set(
     if not conflicted:
         return unconflicted, set()
     conflicted_ids = set().union(*conflicted.values())
-    full = conflicted_ids | auth_index.auth_difference([set(s.values()) for s in state_sets])
+    own_conflicted = [{s[k] for k in conflicted if k in s} for s in state_sets]
+    full = conflicted_ids | auth_index.auth_difference_of(unconflicted, own_conflicted)
     if with_conflicted_subgraph:
         full |= auth_index.conflicted_subgraph(conflicted_ids)
     return unconflicted, full

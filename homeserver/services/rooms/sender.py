@@ -113,6 +113,7 @@ class RoomEventSender:
             depth=1,
             origin_server_ts=self.hs.clock.time_msec(),
             state_key="",
+            reference_hashes=(lambda e: "") if version.event_id_in_pdu else None,  # cites nothing
         )
         try:
             check_auth_rules(pdu, {})
