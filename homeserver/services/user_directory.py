@@ -119,14 +119,16 @@ class UserDirectory:
 
     def _apply_snapshot(self, snapshot: DirectorySnapshot) -> None:
         for room_id, user_id in snapshot.joined:
+            if user_id in self._hidden:
+                continue
             self._user_rooms.setdefault(user_id, set()).add(room_id)
             self._room_users.setdefault(room_id, set()).add(user_id)
         for room_id, event_type, content in snapshot.room_settings:
             self._apply_room_setting(room_id, event_type, content)
-        for user_id, (displayname, avatar_url) in snapshot.local_profiles.items():
-            self._set_profile(user_id, displayname, avatar_url)
-        for user_id, (displayname, avatar_url) in snapshot.remote_profiles.items():
-            self._set_profile(user_id, displayname, avatar_url)
+        for profiles in (snapshot.local_profiles, snapshot.remote_profiles):
+            for user_id, (displayname, avatar_url) in profiles.items():
+                if user_id in self._user_rooms:
+                    self._set_profile(user_id, displayname, avatar_url)
         for user_id in self._user_rooms:
             if user_id not in self._profiles:
                 self._set_profile(user_id, None, None)

@@ -655,6 +655,12 @@ def test_directory_index_loads_and_follows_events():
     ] == ["@erin:remote.example", "@erinson:remote.example", "@zerina:remote.example"]
     assert result_of(directory.search("@alice:test", "erin", limit=2))["limited"] is True
     assert result_of(directory.search("@alice:test", "   "))["results"] == []
+    # A deactivated user is gone for good, even if a join event follows.
+    directory.remove_user("@carol:test")
+    directory.on_persisted(
+        [SimpleNamespace(pdu=member("@carol:test", "!shared:test", {"membership": "join"}))]
+    )
+    assert result_of(directory.search("@alice:test", "carol"))["results"] == []
     # Leaving the last shared room hides a remote user again.
     directory.on_persisted(
         [SimpleNamespace(pdu=member("@alice:test", "!shared:test", {"membership": "leave"}))]

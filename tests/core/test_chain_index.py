@@ -69,6 +69,35 @@ def test_index_matches_naive_walks(seed: int, size: int) -> None:
         assert reached == conflicted | auth_chain(conflicted, graph)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 60))
+def test_difference_from_state_maps_matches_naive(seed: int, size: int) -> None:
+    """The fast path state resolution uses: state maps split into their
+    unconflicted map and each map's conflicted events."""
+    from homeserver.core.state_res.common import separate
+
+    rng = random.Random(seed)
+    order, graph, keys = random_dag(rng, size)
+    index = build(order, graph, keys)
+    by_key: dict = {}
+    for event_id in order:
+        by_key.setdefault(keys[event_id], []).append(event_id)
+    base = {k: rng.choice(v) for k, v in by_key.items()}
+    maps = []
+    for _ in range(rng.randint(2, 4)):
+        state = dict(base)
+        for key in rng.sample(sorted(by_key), rng.randint(0, len(by_key))):
+            if rng.random() < 0.2:
+                del state[key]
+            else:
+                state[key] = rng.choice(by_key[key])
+        maps.append(state)
+    unconflicted, conflicted = separate(maps)
+    own = [{m[k] for k in conflicted if k in m} for m in maps]
+    expected = auth_difference([set(m.values()) for m in maps], graph)
+    assert index.auth_difference_of(unconflicted, own) == expected
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_reloaded_index_answers_the_same(seed: int) -> None:

@@ -278,7 +278,7 @@ def known_difference(room: Room, event: Pdu) -> bool:
 versions = st.sampled_from(VERSIONS + ["10", "11", "12"] * 2)
 
 
-@settings(SETTINGS, max_examples=400)
+@settings(SETTINGS, max_examples=300)
 @given(version=versions, data=st.data())
 def test_membership_events_agree_with_synapse(version: str, data: st.DataObject) -> None:
     room = data.draw(rooms(int(version)))
@@ -301,7 +301,7 @@ def test_restricted_joins_agree_with_synapse(version: str, data: st.DataObject) 
     assert_agree(event, room.state)
 
 
-@settings(SETTINGS, max_examples=300)
+@settings(SETTINGS, max_examples=200)
 @given(version=versions, data=st.data())
 def test_power_level_changes_agree_with_synapse(version: str, data: st.DataObject) -> None:
     """Two competing changes against the same state; usually from members
@@ -376,7 +376,7 @@ def _run(coroutine: Any) -> Any:
     raise AssertionError("the in-memory store should never suspend")
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=150)
 @given(version=versions, data=st.data())
 def test_cited_auth_events_agree_with_synapse(version: str, data: st.DataObject) -> None:
     room = data.draw(rooms(int(version)))

@@ -159,20 +159,18 @@ class ChainIndex:
                 starts[chain_id] = seq
         return starts
 
-    def _reach(self, starts: Iterable[Position], floor: Reach | None = None) -> Reach:
+    def _reach(self, starts: Iterable[Position]) -> Reach:
         """Per chain, the highest seq reachable from ``starts`` (inclusive).
 
-        With ``floor`` (a reach already computed) only what goes beyond it is
-        walked and returned: links below the floor were followed by it. Each
-        link is followed at most once per call.
+        A chain is revisited only when reached higher up, and then only its
+        links above the previous height are followed: each link at most once.
         """
-        floor = floor or {}
         reach: Reach = {}
         stack = list(starts)
         links, link_seqs = self._links, self._link_seqs
         while stack:
             chain_id, seq = stack.pop()
-            done = max(reach.get(chain_id, 0), floor.get(chain_id, 0))
+            done = reach.get(chain_id, 0)
             if seq <= done:
                 continue
             reach[chain_id] = seq
