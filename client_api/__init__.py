@@ -13,6 +13,7 @@ from client_api.rooms import register_room_resources
 from client_api.sync import register_sync_resources
 from client_api.user_directory import register_user_directory_resources
 from client_api.versions import register_versions_resources
+from client_api.voip import register_voip_resources
 
 __all__ = ["register_client_resources"]
 
@@ -28,6 +29,7 @@ def register_client_resources(router, hs) -> None:  # type: ignore[no-untyped-de
     register_room_resources(router, hs)
     register_room_event_resources(router, hs)
     register_sync_resources(router, hs)
+    register_voip_resources(router, hs)
     register_directory_resources(router, hs)
     register_profile_resources(router, hs)
     register_user_directory_resources(router, hs)

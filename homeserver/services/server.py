@@ -31,6 +31,7 @@ from homeserver.services.stream_ids import StreamIdAllocator
 from homeserver.services.sync import SyncService
 from homeserver.services.uia import UserInteractiveAuth
 from homeserver.services.user_rooms import StateGroupCache, UserRooms
+from homeserver.services.voip import VoipService
 from storage import Database
 from storage.events import EventsStore
 
@@ -79,6 +80,7 @@ class HomeServer:
         self.filters = FilterService(self)
         self.sync = SyncService(self)
         self.pagination = PaginationService(self)
+        self.voip = VoipService(self)
         # Accounts: access tokens, registration, login, devices, UIA
         self.auth = Auth(self)
         self.accounts = AccountService(self)

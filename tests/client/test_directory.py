@@ -13,7 +13,6 @@ import pytest
 from nio import (
     AsyncClient,
     JoinResponse,
-    PublicRoomsResponse,
     RegisterResponse,
     RoomCreateResponse,
     RoomGetVisibilityResponse,
@@ -22,6 +21,7 @@ from nio import (
     RoomResolveAliasResponse,
     RoomVisibility,
 )
+from nio.responses import PublicRoomsResponse
 
 from tests.support.http import request
 from tests.support.postgres import throwaway_database

@@ -31,7 +31,7 @@ from homeserver.core.signatures import signable_bytes
 
 KEY = generate_signing_key("diff")
 SYNAPSE_KEY = decode_signing_key_base64("ed25519", "diff", encode_base64(bytes(KEY.signing_key)))
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- event generation ---------------------------------------------------------
 
@@ -176,7 +176,7 @@ def _synapse_event(data, rv):
 # --- the comparisons ------------------------------------------------------------
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(SETTINGS, max_examples=150)
 @given(events())
 def test_event_id_and_reference_hash(case):
     rv, data = case
@@ -203,7 +203,7 @@ def test_content_hash(case):
 
 
 @pytest.mark.parametrize("event_type", sorted(CONTENT_BY_TYPE))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_redaction(event_type, data):
     # Per type, so each type's version-specific rules get enough examples.

@@ -279,11 +279,11 @@ _json = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
     ),
-    max_leaves=15,
+    max_leaves=6,
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     base=st.dictionaries(st.text(max_size=5), _json, min_size=1, max_size=5),
     extra=st.dictionaries(st.text(max_size=5), _json, max_size=3),
