@@ -294,11 +294,11 @@ class ReceiptsService:
             await self._set_fully_read(user_id, room_id, fully_read)
 
     async def _set_fully_read(self, user_id: str, room_id: str, event_id: str) -> None:
-        account_data = getattr(self.hs, "account_data", None)
-        if account_data is None:
-            raise MatrixError("M_UNRECOGNIZED", "Room account data is not available", 404)
-        await account_data.set_room_account_data(
-            user_id, room_id, FULLY_READ, {"event_id": event_id}, internal=True)
+        account_data = self.hs.account_data
+        current = await account_data.get_room(user_id, room_id, FULLY_READ)
+        if current is not None and current.get("event_id") == event_id:
+            return  # unchanged: nothing new for /sync
+        await account_data.set_room(user_id, room_id, FULLY_READ, {"event_id": event_id})
 
     async def _write(self, room_id: str, receipt: Receipt) -> None:
         room = await self.room(room_id)

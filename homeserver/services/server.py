@@ -11,6 +11,7 @@ import homeserver
 from crypto.keys import ServerSigningKey
 from homeserver.config import HomeserverConfig
 from homeserver.config.loader import parse_duration_ms
+from homeserver.services.account_data import AccountDataService
 from homeserver.services.accounts import AccountService
 from homeserver.services.auth import Auth
 from homeserver.services.client_events import ClientEventSerializer
@@ -20,7 +21,10 @@ from homeserver.services.events import EventCache, EventsService
 from homeserver.services.filters import FilterService
 from homeserver.services.notifier import Notifier
 from homeserver.services.pagination import PaginationService
+from homeserver.services.presence import PresenceService
 from homeserver.services.profiles import ProfileService
+from homeserver.services.push import PushService
+from homeserver.services.receipts import ReceiptsService
 from homeserver.services.rooms.creation import RoomCreator
 from homeserver.services.rooms.membership import MembershipService
 from homeserver.services.rooms.persister import EventPersister
@@ -29,6 +33,8 @@ from homeserver.services.rooms.state import RoomStates
 from homeserver.services.server_keys import ServerKeys
 from homeserver.services.stream_ids import StreamIdAllocator
 from homeserver.services.sync import SyncService
+from homeserver.services.to_device import ToDeviceService
+from homeserver.services.typing import TypingService
 from homeserver.services.uia import UserInteractiveAuth
 from homeserver.services.user_rooms import StateGroupCache, UserRooms
 from homeserver.services.voip import VoipService
@@ -85,6 +91,14 @@ class HomeServer:
         self.auth = Auth(self)
         self.accounts = AccountService(self)
         self.uia = UserInteractiveAuth(self)
+        # Typing, presence, account data, to-device (to_device hooks device deletion)
+        self.typing = TypingService(self)
+        self.presence = PresenceService(self)
+        self.account_data = AccountDataService(self)
+        self.to_device = ToDeviceService(self)
+        # Receipts, push rules and unread counts (push evaluates each committed batch)
+        self.receipts = ReceiptsService(self)
+        self.push = PushService(self)
 
     def _on_persisted(self, items: list[Any]) -> None:
         """After a batch commits: caches first, then wake whoever waits."""
@@ -97,6 +111,8 @@ class HomeServer:
             if target is not None:
                 self.event_cache.put(target.with_redacted_because(item.pdu.event_id))
         self.user_rooms.on_persisted(items)
+        # Unread counts before waking syncs: a count MUST come with its event.
+        self.push.on_persisted(items)
         self.notifier.on_persisted(items)
 
     def _on_persist_failed(self, room_ids: set[str]) -> None:

@@ -15,8 +15,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 from nio import AsyncClient
 
-from tests.client.test_rooms import create
-from tests.support.clients import close, register, start_e2e_server
+from tests.support.clients import close, create, register, start_e2e_server
 
 CALL_ID = "call-1"
 VERSION = "1"

@@ -5,8 +5,7 @@ from urllib.parse import quote
 
 from nio import RoomSendResponse
 
-from tests.client.test_rooms import create, say
-from tests.support.clients import CLIENT, call, close, matrix_server, register  # noqa: F401
+from tests.support.clients import CLIENT, call, close, create, register, say
 
 
 def run(coro):

@@ -6,37 +6,17 @@ from urllib.parse import quote
 import pytest
 from nio import (
     JoinError,
-    RoomCreateResponse,
     RoomInviteError,
-    RoomPreset,
     RoomPutStateError,
     RoomSendError,
     RoomSendResponse,
-    RoomVisibility,
 )
 
-from tests.support.clients import CLIENT, call, close, matrix_server, register  # noqa: F401
+from tests.support.clients import CLIENT, call, close, create, register, say
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def create(client, **kwargs) -> str:
-    """nio's room_create with the spec's argument names."""
-    if "visibility" in kwargs:
-        kwargs["visibility"] = RoomVisibility(kwargs["visibility"])
-    if "preset" in kwargs:
-        kwargs["preset"] = RoomPreset(kwargs["preset"])
-    if "power_level_content_override" in kwargs:
-        kwargs["power_level_override"] = kwargs.pop("power_level_content_override")
-    response = await client.room_create(**kwargs)
-    assert isinstance(response, RoomCreateResponse), response
-    return response.room_id
-
-
-async def say(client, room_id, body="hi"):
-    return await client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body})
 
 
 def room_path(room_id: str, rest: str = "") -> str:

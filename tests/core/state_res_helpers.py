@@ -81,7 +81,7 @@ class RoomDag:
         self._pdus: dict[str, Pdu] = {}
         self._ids = itertools.count(1)
         self._ts = itertools.count(_BASE_TS, 1000)
-        self.room_id = f"!room{id(self)}:{creator.partition(':')[2]}"
+        self.room_id = f"!room:{creator.partition(':')[2]}"  # deterministic ids
         trunk = Branch({}, [], 0)
         create_content: dict[str, Any] = {"room_version": version}
         if not self.room_version.implicit_room_creator:

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from nio import AsyncClient, RegisterResponse
+from nio import AsyncClient, RegisterResponse, RoomCreateResponse, RoomPreset, RoomVisibility
 
 from tests.support.postgres import throwaway_database
 from tests.support.server import RunningServer, start_server
@@ -86,3 +86,20 @@ async def call(server: RunningServer, client: AsyncClient | None, method: str, p
 
 async def close(*clients: AsyncClient) -> None:
     await asyncio.gather(*(c.close() for c in clients))
+
+
+async def create(client, **kwargs) -> str:
+    """nio's room_create with the spec's argument names."""
+    if "visibility" in kwargs:
+        kwargs["visibility"] = RoomVisibility(kwargs["visibility"])
+    if "preset" in kwargs:
+        kwargs["preset"] = RoomPreset(kwargs["preset"])
+    if "power_level_content_override" in kwargs:
+        kwargs["power_level_override"] = kwargs.pop("power_level_content_override")
+    response = await client.room_create(**kwargs)
+    assert isinstance(response, RoomCreateResponse), response
+    return response.room_id
+
+
+async def say(client, room_id, body="hi"):
+    return await client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body})
