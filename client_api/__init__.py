@@ -12,6 +12,7 @@ from client_api.profile import register_profile_resources
 from client_api.push_rules import register_push_rule_resources
 from client_api.receipts import register_receipt_resources
 from client_api.register import register_registration_resources
+from client_api.relations import register_relations_resources
 from client_api.room_events import register_room_event_resources
 from client_api.rooms import register_room_resources
 from client_api.sync import register_sync_resources
@@ -36,6 +37,7 @@ def register_client_resources(router, hs) -> None:  # type: ignore[no-untyped-de
     register_room_event_resources(router, hs)
     register_sync_resources(router, hs)
     register_voip_resources(router, hs)
+    register_relations_resources(router, hs)
     register_directory_resources(router, hs)
     register_profile_resources(router, hs)
     register_user_directory_resources(router, hs)

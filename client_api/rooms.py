@@ -9,6 +9,7 @@ from homeserver.core.events import HISTORY_VISIBILITY, MEMBER
 from homeserver.errors import MatrixError
 from homeserver.http.validation import parse_body, query_arg, query_args
 from homeserver.services.ratelimit import ratelimiter_from_config
+from homeserver.services.rooms.sender import relation_of
 
 CLIENT = "/_matrix/client/(?:v3|r0)"
 ROOM = CLIENT + "/rooms/(?P<room_id>[^/]+)"
@@ -167,6 +168,20 @@ def register_room_resources(router: Any, hs: Any) -> None:
         who = await requester(request)
         content = parse_body(request, schemas.EVENT_CONTENT)
         message_limiter.check(who.user_id)
+        parent, rel_type, key = relation_of(content)
+        if event_type == "m.reaction" and rel_type == "m.annotation" and key is not None:
+            # One reaction per key per user (a retry of the same transaction is no repeat).
+            earlier = await hs.room_sender.previous_send(who.user_id, who.device_id, txn_id)
+            if earlier is not None:
+                return 200, {"event_id": earlier.event_id}
+            await hs.relations.claim_annotation(parent, who.user_id, key)
+            try:
+                pdu = await hs.room_sender.send(who.user_id, room_id, event_type, content,
+                                                device_id=who.device_id, txn_id=txn_id)
+            except BaseException:
+                hs.relations.release_annotation(parent, who.user_id, key)
+                raise
+            return 200, {"event_id": pdu.event_id}
         pdu = await hs.room_sender.send(who.user_id, room_id, event_type, content,
                                         device_id=who.device_id, txn_id=txn_id)
         return 200, {"event_id": pdu.event_id}

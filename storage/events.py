@@ -39,6 +39,7 @@ class EventToPersist:
     txn_id: str | None = None
     relates_to_id: str | None = None
     relation_type: str | None = None
+    relation_key: str | None = None
     room_kind: str | None = None  # create events only: e.g. "dm"
     # For an m.room.redaction that takes effect: the event it redacts.
     redacted_target: Pdu | None = None
@@ -78,12 +79,12 @@ class EventsStore:
             event_rows.append((
                 e.stream_ordering, pdu.event_id, pdu.room_id, pdu.type, pdu.state_key, pdu.sender,
                 pdu.depth, pdu.origin_server_ts, e.state_group, encode_pdu(pdu), e.device_id,
-                e.txn_id, e.relates_to_id, e.relation_type,
+                e.txn_id, e.relates_to_id, e.relation_type, e.relation_key,
             ))
         txn.executemany(
             "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender,"
             " depth, origin_server_ts, state_group, json, device_id, txn_id, relates_to_id,"
-            " relation_type) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " relation_type, relation_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             event_rows,
         )
         for e in events:

@@ -25,6 +25,7 @@ from homeserver.services.presence import PresenceService
 from homeserver.services.profiles import ProfileService
 from homeserver.services.push import PushService
 from homeserver.services.receipts import ReceiptsService
+from homeserver.services.relations import RelationsService
 from homeserver.services.rooms.creation import RoomCreator
 from homeserver.services.rooms.membership import MembershipService
 from homeserver.services.rooms.persister import EventPersister
@@ -87,6 +88,8 @@ class HomeServer:
         self.sync = SyncService(self)
         self.pagination = PaginationService(self)
         self.voip = VoipService(self)
+        self.relations = RelationsService(self)
+        self.persister.on_persisted.append(self.relations.on_persisted)
         # Accounts: access tokens, registration, login, devices, UIA
         self.auth = Auth(self)
         self.accounts = AccountService(self)

@@ -32,7 +32,9 @@ CREATE TABLE events (
     -- the event id of the redaction that redacted this event, if any
     redacted_by TEXT,
     relates_to_id TEXT,
-    relation_type TEXT
+    relation_type TEXT,
+    -- m.annotation's "key" (the emoji of a reaction)
+    relation_key TEXT
 );
 CREATE INDEX events_room_stream ON events (room_id, stream_ordering);
 CREATE INDEX events_relations ON events (relates_to_id, relation_type);

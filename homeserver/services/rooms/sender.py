@@ -25,13 +25,15 @@ from storage.events import SNAPSHOT_INTERVAL, EventToPersist
 TXN_CACHE_SIZE = 10_000
 
 
-def relation_of(content: dict[str, Any]) -> tuple[str | None, str | None]:
+def relation_of(content: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """(parent event id, rel_type, annotation key) of an event's m.relates_to."""
     relates = content.get("m.relates_to")
     if isinstance(relates, dict):
         event_id, rel_type = relates.get("event_id"), relates.get("rel_type")
         if isinstance(event_id, str) and isinstance(rel_type, str):
-            return event_id, rel_type
-    return None, None
+            key = relates.get("key") if rel_type == "m.annotation" else None
+            return event_id, rel_type, key if isinstance(key, str) else None
+    return None, None, None
 
 
 class RoomEventSender:
@@ -140,7 +142,7 @@ class RoomEventSender:
         room.extremities = [pdu.event_id]
         room.depth = pdu.depth
         self.hs.event_cache.put(pdu, (device_id, txn_id) if txn_id is not None else None)
-        relates_to, rel_type = relation_of(pdu.content)
+        relates_to, rel_type, key = relation_of(pdu.content)
         return EventToPersist(
             pdu=pdu,
             stream_ordering=stream,
@@ -152,6 +154,7 @@ class RoomEventSender:
             txn_id=txn_id,
             relates_to_id=relates_to,
             relation_type=rel_type,
+            relation_key=key,
         )
 
     # --- sending -------------------------------------------------------------------
@@ -213,8 +216,13 @@ class RoomEventSender:
                 waiter.callback(pdu)
         return pdu
 
-    async def _previous_send(self, key: tuple[str, str | None, str]) -> Pdu | None:
+    async def previous_send(
+        self, sender: str, device_id: str | None, txn_id: str
+    ) -> Pdu | None:
         """The event an earlier request with this transaction id sent, if any."""
+        return await self._previous_send((sender, device_id, txn_id))
+
+    async def _previous_send(self, key: tuple[str, str | None, str]) -> Pdu | None:
         event_id = self._txns.get(key)
         if event_id is None:
             event_id = await self.hs.events_store.get_event_id_for_txn(*key)
