@@ -18,9 +18,12 @@ def register_receipt_resources(router: Any, hs: Any) -> None:
                            event_id: str) -> tuple[int, Any]:
         who = await hs.auth.get_requester(request)
         body = parse_json_object(request)
-        thread_id = body.get("thread_id")
-        if "thread_id" in body and (not isinstance(thread_id, str) or not thread_id):
-            raise MatrixError("M_INVALID_PARAM", "thread_id field must be a non-empty string")
+        # A null thread_id (matrix-nio sends one) is an unthreaded receipt, like none.
+        thread_id = body.pop("thread_id", None)
+        if thread_id is not None:
+            if not isinstance(thread_id, str) or not thread_id:
+                raise MatrixError("M_INVALID_PARAM", "thread_id field must be a non-empty string")
+            body["thread_id"] = thread_id
         validate(body, schemas.RECEIPT)
         await hs.receipts.send_receipt(who.user_id, room_id, receipt_type, event_id, thread_id)
         return 200, {}

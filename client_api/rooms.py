@@ -152,7 +152,14 @@ def register_room_resources(router: Any, hs: Any) -> None:
         content = parse_body(request, schemas.EVENT_CONTENT)
         message_limiter.check(who.user_id)
         if event_type == MEMBER:
-            raise MatrixError("M_FORBIDDEN", "Use the membership endpoints to change membership")
+            # Only a per-room profile (nickname, avatar) of a joined user goes through
+            # here; membership changes use the membership endpoints.
+            room = await hs.room_states.get(room_id)
+            if not (state_key == who.user_id and room is not None
+                    and room.membership(who.user_id) == "join"
+                    and content.get("membership") == "join"):
+                raise MatrixError("M_FORBIDDEN",
+                                  "Use the membership endpoints to change membership")
         if event_type == "m.room.canonical_alias":
             await hs.directory.check_canonical_alias_content(room_id, content)
         room = await hs.room_states.get(room_id)

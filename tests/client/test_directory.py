@@ -6,6 +6,7 @@ token where it does not. Every scenario runs on SQLite and on PostgreSQL.
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from urllib.parse import quote, urlencode
 
@@ -48,26 +49,24 @@ OPEN_CONFIG = {
 CLIENT = "/_matrix/client/v3"
 
 
-def _start(tmp_path_factory, database: str, stack: ExitStack, config: dict):
-    overrides = dict(config)
-    if database == "postgres":
-        overrides["database"] = {
-            "name": "psycopg",
-            "args": stack.enter_context(throwaway_database()),
-        }
-    server = start_server(tmp_path_factory.mktemp(f"directory-{database}"), **overrides)
-    stack.callback(server.stop)
-    return server
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def servers(request, tmp_path_factory):
     """Per database: a server with the default directory settings and one with
-    allow_public_rooms_without_auth and publication rules."""
+    allow_public_rooms_without_auth and publication rules (started side by side)."""
     with ExitStack() as stack:
-        default = _start(tmp_path_factory, request.param, stack, BASE_CONFIG)
-        open_ = _start(tmp_path_factory, request.param, stack, OPEN_CONFIG)
-        yield default, open_
+        configs = []
+        for config in (BASE_CONFIG, OPEN_CONFIG):
+            overrides = dict(config)
+            if request.param == "postgres":
+                args = stack.enter_context(throwaway_database())
+                overrides["database"] = {"name": "psycopg", "args": args}
+            configs.append((tmp_path_factory.mktemp(f"directory-{request.param}"), overrides))
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(start_server, path, **overrides) for path, overrides in configs]
+            started = [f.result() for f in futures]
+        for server in started:
+            stack.callback(server.stop)
+        yield started
 
 
 @pytest.fixture

@@ -271,3 +271,23 @@ def test_older_room_versions_work(matrix_server, version):
         assert isinstance(await say(bob, room_id), RoomSendResponse)
         await close(alice, bob)
     run(go())
+
+
+def test_per_room_nickname_but_no_membership_by_state_put(matrix_server):
+    async def go():
+        alice, bob = await register(matrix_server), await register(matrix_server)
+        room_id = await create(alice, preset="public_chat")
+        await bob.join(room_id)
+        path = room_path(room_id, f"/state/m.room.member/{bob.user_id}")
+        status, _ = await call(matrix_server, bob, "PUT", path,
+                               {"membership": "join", "displayname": "Bobby here"})
+        assert status == 200
+        members = await alice.joined_members(room_id)
+        assert {m.user_id: m.display_name for m in members.members}[bob.user_id] == "Bobby here"
+        status, body = await call(matrix_server, bob, "PUT", path, {"membership": "leave"})
+        assert status == 403
+        status, body = await call(matrix_server, alice, "PUT", path,
+                                  {"membership": "join", "displayname": "hijacked"})
+        assert status == 403
+        await close(alice, bob)
+    run(go())

@@ -31,7 +31,7 @@ from homeserver.services.clock import Clock
 from homeserver.services.notifier import Notifier
 from homeserver.services.presence import IDLE_TIMEOUT_MS, OFFLINE_TIMEOUT_MS, PresenceService
 from homeserver.services.typing import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS, TypingService
-from tests.support.clients import CLIENT, call, close, matrix_server, register  # noqa: F401
+from tests.support.clients import CLIENT, call, close, register
 
 
 def run(coro: Any) -> Any:
