@@ -71,9 +71,7 @@ def register_account_data_resources(router: Any, hs: Any) -> None:
         await hs.account_data.set_tag(user_id, room_id, tag, body)
         return 200, {}
 
-    async def delete_tag(
-        request: Request, user_id: str, room_id: str, tag: str
-    ) -> tuple[int, Any]:
+    async def delete_tag(request: Request, user_id: str, room_id: str, tag: str) -> tuple[int, Any]:
         await me(request, user_id, "remove")
         check_room_id(room_id)
         await hs.account_data.remove_tag(user_id, room_id, tag)

@@ -120,6 +120,12 @@ _TOKEN_COLUMNS = "token, uses_allowed, pending, completed, expiry_time"
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+class _CreateUserConflict(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _device(row: Sequence[Any]) -> DeviceRecord:
     return DeviceRecord(row[0], row[1], row[2], int(row[3]), row[4], row[5], row[6])
 
@@ -163,28 +169,33 @@ class AccountStore:
         login: NewLogin | None = None,
         registration_token: str | None = None,
         ui_auth_session: str | None = None,
-    ) -> bool:
+    ) -> str | None:
         """Create the account (and its first device and token) in one transaction.
 
-        Returns False, writing nothing, when the user id is taken. A used
-        ``registration_token`` moves from pending to completed; a finished
-        ``ui_auth_session`` is deleted.
+        A used ``registration_token`` moves from pending to completed; the
+        finished ``ui_auth_session`` is deleted. Returns None when done, else
+        (writing nothing) "user_in_use" or "session_used" (a concurrent request
+        finished the same UIA session first).
         """
-        return await self.db.run_interaction(
-            "create_user",
-            self._create_user_txn,
-            user_id,
-            now_ms,
-            password_hash,
-            is_admin,
-            is_guest,
-            user_type,
-            appservice_id,
-            displayname,
-            login,
-            registration_token,
-            ui_auth_session,
-        )
+        try:
+            await self.db.run_interaction(
+                "create_user",
+                self._create_user_txn,
+                user_id,
+                now_ms,
+                password_hash,
+                is_admin,
+                is_guest,
+                user_type,
+                appservice_id,
+                displayname,
+                login,
+                registration_token,
+                ui_auth_session,
+            )
+        except _CreateUserConflict as e:
+            return e.reason
+        return None
 
     def _create_user_txn(
         self,
@@ -200,7 +211,12 @@ class AccountStore:
         login: NewLogin | None,
         registration_token: str | None,
         ui_auth_session: str | None,
-    ) -> bool:
+    ) -> None:
+        # A conflict raises, so that the transaction rolls back whole.
+        if ui_auth_session is not None:
+            txn.execute("DELETE FROM ui_auth_sessions WHERE session_id = ?", (ui_auth_session,))
+            if txn.rowcount != 1:
+                raise _CreateUserConflict("session_used")
         txn.execute(
             "INSERT INTO users (user_id, password_hash, created_ts, is_admin, is_guest,"
             " user_type, appservice_id, displayname) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -217,7 +233,7 @@ class AccountStore:
             ),
         )
         if txn.rowcount != 1:
-            return False
+            raise _CreateUserConflict("user_in_use")
         if login is not None:
             self._add_login_txn(txn, user_id, now_ms, login)
         if registration_token is not None:
@@ -226,9 +242,6 @@ class AccountStore:
                 " WHERE token = ?",
                 (registration_token,),
             )
-        if ui_auth_session is not None:
-            txn.execute("DELETE FROM ui_auth_sessions WHERE session_id = ?", (ui_auth_session,))
-        return True
 
     async def ensure_user(self, user_id: str, now_ms: int, appservice_id: str | None) -> None:
         """Create a password-less user if missing (an application service's sender)."""

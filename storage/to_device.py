@@ -31,7 +31,7 @@ class StoredToDevice:
 def _devices_of(txn: Txn, user_ids: list[str]) -> dict[str, set[str]]:
     devices: dict[str, set[str]] = {}
     for start in range(0, len(user_ids), _BATCH):
-        chunk = user_ids[start:start + _BATCH]
+        chunk = user_ids[start : start + _BATCH]
         marks = ", ".join("?" * len(chunk))
         for user_id, device_id in txn.execute(
             f"SELECT user_id, device_id FROM devices WHERE user_id IN ({marks})", chunk
@@ -99,8 +99,16 @@ class ToDeviceStore:
                     if device_id != ALL_DEVICES and device_id in existing:
                         wanted[device_id] = content
                 for device_id, content in wanted.items():
-                    rows.append((user_id, device_id, stream_id, sender, message_type,
-                                 _json_encoder.encode(content)))
+                    rows.append(
+                        (
+                            user_id,
+                            device_id,
+                            stream_id,
+                            sender,
+                            message_type,
+                            _json_encoder.encode(content),
+                        )
+                    )
             txn.executemany(
                 "INSERT INTO device_inbox"
                 " (user_id, device_id, stream_id, sender, message_type, content)"
@@ -117,7 +125,12 @@ class ToDeviceStore:
 
     # --- delivering ------------------------------------------------------------------------
     async def fetch(
-        self, user_id: str, device_id: str, delete_upto: int | None, after: int, upto: int,
+        self,
+        user_id: str,
+        device_id: str,
+        delete_upto: int | None,
+        after: int,
+        upto: int,
         limit: int | None,
     ) -> list[StoredToDevice]:
         """Delete the device's messages <= ``delete_upto``; return those in (after, upto]."""

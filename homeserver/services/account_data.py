@@ -176,8 +176,9 @@ class AccountDataService:
             d.callback(data)
         return data
 
-    def _applied(self, user_id: str, room_id: str, data_type: str, stream_id: int,
-                 content: dict[str, Any]) -> None:
+    def _applied(
+        self, user_id: str, room_id: str, data_type: str, stream_id: int, content: dict[str, Any]
+    ) -> None:
         """A write committed: the cache (or the load in flight) takes it."""
         data = self._cache.get(user_id)
         if data is not None:

@@ -113,6 +113,13 @@ def device_json(
     }
 
 
+def _check_created(conflict: str | None) -> None:
+    if conflict == "user_in_use":
+        raise MatrixError("M_USER_IN_USE", "User ID already taken")
+    if conflict == "session_used":
+        raise MatrixError("M_UNKNOWN", "Unknown session ID", 400)
+
+
 class AccountService:
     def __init__(self, hs: Any) -> None:
         self._hs = hs
@@ -319,12 +326,13 @@ class AccountService:
             operation="POST /register", auth=auth, flows=flows, data=saved
         )
         params = result.data
-        password_hash = await self.hash_password(self._validate_password(body.get("password")))
+        password = self._validate_password(body.get("password"))
         if params.get("username") is not None:
             user_id = await self.check_username(params["username"])
         else:
             user_id = await self._generated_user_id()
         self._registration_limiter.check(ip)
+        password_hash = await self.hash_password(password)
         inhibit_login = bool(params.get("inhibit_login"))
         access_token, login = None, None
         if not inhibit_login:
@@ -336,7 +344,7 @@ class AccountService:
                 ip,
                 user_agent,
             )
-        created = await self.store.create_user(
+        conflict = await self.store.create_user(
             user_id,
             self._clock.time_msec(),
             password_hash=password_hash,
@@ -345,8 +353,7 @@ class AccountService:
             registration_token=result.completed.get(REGISTRATION_TOKEN),
             ui_auth_session=result.session_id,
         )
-        if not created:
-            raise MatrixError("M_USER_IN_USE", "User ID already taken")
+        _check_created(conflict)
         logger.info("registered %s", user_id)
         return self._registration_response(user_id, access_token, login)
 
@@ -376,7 +383,7 @@ class AccountService:
                 ip,
                 user_agent,
             )
-            if await self.store.create_user(
+            if not await self.store.create_user(
                 user_id, self._clock.time_msec(), is_guest=True, login=login
             ):
                 return self._registration_response(user_id, access_token, login)
@@ -397,15 +404,14 @@ class AccountService:
                 body.get("initial_device_display_name"),
                 hash_token(access_token),
             )
-        created = await self.store.create_user(
+        conflict = await self.store.create_user(
             user_id,
             self._clock.time_msec(),
             appservice_id=app_service.id,
             displayname=user_id[1:].partition(":")[0],
             login=login,
         )
-        if not created:
-            raise MatrixError("M_USER_IN_USE", "User ID already taken")
+        _check_created(conflict)
         return self._registration_response(user_id, access_token, login)
 
     # --- shared-secret (admin) registration, as Synapse's /_synapse/admin/v1/register ---------
@@ -456,7 +462,7 @@ class AccountService:
             access_token = generate_access_token()
             login = NewLogin(generate_device_id(), None, hash_token(access_token))
         displayname = body.get("displayname") or user_id[1:].partition(":")[0]
-        created = await self.store.create_user(
+        conflict = await self.store.create_user(
             user_id,
             self._clock.time_msec(),
             password_hash=password_hash,
@@ -465,8 +471,7 @@ class AccountService:
             displayname=displayname,
             login=login,
         )
-        if not created:
-            raise MatrixError("M_USER_IN_USE", "User ID already taken")
+        _check_created(conflict)
         logger.info("registered %s%s with the shared secret", user_id, " (admin)" if admin else "")
         return self._registration_response(user_id, access_token, login)
 

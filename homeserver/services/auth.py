@@ -193,7 +193,9 @@ class Auth:
         self._flushing = False
         # No timer: a request arriving after LAST_SEEN_FLUSH_SECONDS starts a
         # flush, and shutdown flushes the rest.
-        hs.reactor.addSystemEventTrigger("before", "shutdown", self._flush_on_shutdown)
+        add_trigger = getattr(hs.reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            add_trigger("before", "shutdown", self._flush_on_shutdown)
 
     # --- requests -------------------------------------------------------------------
     def client_ip(self, request: Any) -> str:

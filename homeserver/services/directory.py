@@ -5,10 +5,14 @@ Who may do what (the spec leaves most of it to the server):
 
 - Create an alias: the alias must be on this server, well formed (the
   appendix grammar; we also refuse whitespace and control characters in new
-  localparts) and free; the room must be known here; the user must be joined
-  to the room (or be a server admin). No power level is needed: any member
-  may add an address, as on Synapse; what the room *advertises* is the
-  ``m.room.canonical_alias`` event, which power levels guard.
+  localparts) and free, and not reserved by an application service's
+  exclusive alias namespace for other users (400 M_EXCLUSIVE); the room must
+  be known here; the user must be joined to the room (or be a server admin).
+  ``PUT /directory/room`` answers 409 M_ROOM_IN_USE for a taken alias, as
+  the spec's 409; ``/createRoom`` checks first and gets 400 M_ROOM_IN_USE.
+  No power level is needed: any member may add an address, as on Synapse;
+  what the room *advertises* is the ``m.room.canonical_alias`` event, which
+  power levels guard.
 - Delete an alias: its creator, a server admin, or a joined member with the
   power to send ``m.room.canonical_alias``. Deleting also drops the alias from
   the room's ``m.room.canonical_alias`` event when the user may send it (the

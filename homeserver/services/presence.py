@@ -106,9 +106,7 @@ class PresenceService:
         self._activity(user_id, presence, now)
         self._schedule(user_id, presence)
 
-    async def set_status(
-        self, user_id: str, state: str, status_msg: str | None = _UNSET
-    ) -> None:
+    async def set_status(self, user_id: str, state: str, status_msg: str | None = _UNSET) -> None:
         """PUT /presence/{userId}/status for the user themself.
 
         An absent ``status_msg`` keeps the current one; null clears it.
@@ -177,7 +175,8 @@ class PresenceService:
         now = self.clock.time_msec()
         return [
             {"type": "m.presence", "sender": u, "content": self._users[u].content(now)}
-            for u in candidates if u in visible
+            for u in candidates
+            if u in visible
         ]
 
     def shutdown(self) -> None:
@@ -196,8 +195,9 @@ class PresenceService:
             presence.currently_active = True
             self._set_state(user_id, presence, ONLINE, force=True)
 
-    def _set_state(self, user_id: str, presence: UserPresence, state: str,
-                   force: bool = False) -> None:
+    def _set_state(
+        self, user_id: str, presence: UserPresence, state: str, force: bool = False
+    ) -> None:
         if presence.state == state and not force:
             return
         presence.state = state
@@ -208,8 +208,11 @@ class PresenceService:
         self._changes[user_id] = self.position
         self._changes.move_to_end(user_id)
         d = defer.ensureDeferred(self._wake(user_id))
-        d.addErrback(lambda f: logger.error("waking for presence of %s failed: %s",
-                                            user_id, f.getErrorMessage()))
+        d.addErrback(
+            lambda f: logger.error(
+                "waking for presence of %s failed: %s", user_id, f.getErrorMessage()
+            )
+        )
 
     async def _wake(self, user_id: str) -> None:
         rooms = await self.hs.user_rooms.get(user_id)

@@ -82,7 +82,11 @@ class ToDeviceService:
         if remote:
             logger.info(
                 "dropping %s to-device messages from %s for %d users on other servers "
-                "(no federation yet): %s", event_type, sender, len(remote), ", ".join(remote[:5]),
+                "(no federation yet): %s",
+                event_type,
+                sender,
+                len(remote),
+                ", ".join(remote[:5]),
             )
         now = self.hs.clock.time_msec()
         stream_id = self._stream.allocate()
@@ -116,7 +120,11 @@ class ToDeviceService:
 
     # --- delivering ------------------------------------------------------------------------
     async def messages_for(
-        self, user_id: str, device_id: str, since_pos: int, upto: int,
+        self,
+        user_id: str,
+        device_id: str,
+        since_pos: int,
+        upto: int,
         limit: int | None = None,
     ) -> ToDeviceBatch:
         """The device's messages in (since_pos, upto], oldest first, at most ``limit``.
@@ -145,8 +153,7 @@ class ToDeviceService:
                 if entry[1] >= entry[0]:
                     del self._waiting[key]  # nothing left for this device
         batch.extend(
-            {"type": row.message_type, "sender": row.sender, "content": row.content}
-            for row in rows
+            {"type": row.message_type, "sender": row.sender, "content": row.content} for row in rows
         )
         if limit is not None and rows and len(rows) >= limit:
             batch.position = rows[-1].stream_id

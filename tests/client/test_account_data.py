@@ -68,7 +68,8 @@ def test_global_account_data_round_trip_and_sync_once_per_change(matrix_server):
         assert await call(matrix_server, alice, "GET", path) == (200, {"theme": "dark"})
         changed = await sync(matrix_server, alice, first["next_batch"])
         assert global_events(changed) == [
-            {"type": "org.example.config", "content": {"theme": "dark"}}]
+            {"type": "org.example.config", "content": {"theme": "dark"}}
+        ]
         unchanged = await sync(matrix_server, alice, changed["next_batch"])
         assert global_events(unchanged) == []
         # Overwritten: the new content, once; an initial sync has the latest only.
@@ -77,10 +78,13 @@ def test_global_account_data_round_trip_and_sync_once_per_change(matrix_server):
         again = await sync(matrix_server, alice, unchanged["next_batch"])
         assert global_events(again) == [
             {"type": "org.example.config", "content": {"theme": "light"}},
-            {"type": "org.example.b", "content": {}}]
+            {"type": "org.example.b", "content": {}},
+        ]
         initial = await sync(matrix_server, alice)
         assert {e["type"]: e["content"] for e in global_events(initial)} == {
-            "org.example.config": {"theme": "light"}, "org.example.b": {}}
+            "org.example.config": {"theme": "light"},
+            "org.example.b": {},
+        }
         # matrix-nio reads it too.
         response = await alice.sync(timeout=0)
         assert isinstance(response, SyncResponse)
@@ -92,8 +96,9 @@ def test_global_account_data_round_trip_and_sync_once_per_change(matrix_server):
         status, body = await call(matrix_server, bob, "PUT", path, {"theme": "x"})
         assert status == 403 and body["errcode"] == "M_FORBIDDEN"
         for managed in ("m.fully_read", "m.push_rules"):
-            status, body = await call(matrix_server, alice, "PUT",
-                                      global_path(alice.user_id, managed), {"a": 1})
+            status, body = await call(
+                matrix_server, alice, "PUT", global_path(alice.user_id, managed), {"a": 1}
+            )
             assert status == 405 and body["errcode"] == "M_BAD_JSON"
         status, body = await call(matrix_server, alice, "PUT", path, [1, 2])
         assert status == 400 and body["errcode"] == "M_BAD_JSON"
@@ -101,6 +106,7 @@ def test_global_account_data_round_trip_and_sync_once_per_change(matrix_server):
         assert status == 400 and body["errcode"] == "M_NOT_JSON"
         assert global_events(await sync(matrix_server, bob)) == []
         await close(alice, bob)
+
     run(go())
 
 
@@ -115,22 +121,26 @@ def test_room_account_data_and_tags(matrix_server):
         assert await call(matrix_server, alice, "PUT", data, {"pinned": True}) == (200, {})
         assert await call(matrix_server, alice, "GET", data) == (200, {"pinned": True})
         # Room account data is not global account data.
-        status, _ = await call(matrix_server, alice, "GET",
-                               global_path(alice.user_id, "org.example.room"))
+        status, _ = await call(
+            matrix_server, alice, "GET", global_path(alice.user_id, "org.example.room")
+        )
         assert status == 404
 
         tags = room_path(alice.user_id, room_id, "tags")
         assert await call(matrix_server, alice, "GET", tags) == (200, {"tags": {}})
-        assert (await call(matrix_server, alice, "PUT", f"{tags}/m.favourite",
-                           {"order": 0.25}))[0] == 200
+        assert (await call(matrix_server, alice, "PUT", f"{tags}/m.favourite", {"order": 0.25}))[
+            0
+        ] == 200
         assert (await call(matrix_server, alice, "PUT", f"{tags}/u.work", {}))[0] == 200
         assert await call(matrix_server, alice, "GET", tags) == (
-            200, {"tags": {"m.favourite": {"order": 0.25}, "u.work": {}}})
+            200,
+            {"tags": {"m.favourite": {"order": 0.25}, "u.work": {}}},
+        )
         changed = await sync(matrix_server, alice, first["next_batch"])
         assert room_events(changed, room_id) == [
             {"type": "org.example.room", "content": {"pinned": True}},
-            {"type": "m.tag", "content": {"tags": {"m.favourite": {"order": 0.25},
-                                                   "u.work": {}}}}]
+            {"type": "m.tag", "content": {"tags": {"m.favourite": {"order": 0.25}, "u.work": {}}}},
+        ]
         assert global_events(changed) == []
         assert room_events(await sync(matrix_server, alice, changed["next_batch"]), room_id) == []
 
@@ -139,31 +149,38 @@ def test_room_account_data_and_tags(matrix_server):
         assert await call(matrix_server, alice, "GET", tags) == (200, {"tags": {"u.work": {}}})
         removed = await sync(matrix_server, alice, changed["next_batch"])
         assert room_events(removed, room_id) == [
-            {"type": "m.tag", "content": {"tags": {"u.work": {}}}}]
+            {"type": "m.tag", "content": {"tags": {"u.work": {}}}}
+        ]
         # The tag data is in the room's account data as m.tag.
-        assert await call(matrix_server, alice, "GET",
-                          room_path(alice.user_id, room_id, "account_data/m.tag")) == (
-            200, {"tags": {"u.work": {}}})
+        assert await call(
+            matrix_server, alice, "GET", room_path(alice.user_id, room_id, "account_data/m.tag")
+        ) == (200, {"tags": {"u.work": {}}})
 
         # Errors: someone else's, server-managed types, bad room ids, bad tags.
         status, body = await call(matrix_server, bob, "GET", tags)
         assert status == 403 and body["errcode"] == "M_FORBIDDEN"
-        status, body = await call(matrix_server, bob, "PUT",
-                                  room_path(alice.user_id, room_id, "tags/u.x"), {})
+        status, body = await call(
+            matrix_server, bob, "PUT", room_path(alice.user_id, room_id, "tags/u.x"), {}
+        )
         assert status == 403
-        status, body = await call(matrix_server, alice, "PUT",
-                                  room_path(alice.user_id, room_id, "account_data/m.fully_read"),
-                                  {"event_id": "$x"})
+        status, body = await call(
+            matrix_server,
+            alice,
+            "PUT",
+            room_path(alice.user_id, room_id, "account_data/m.fully_read"),
+            {"event_id": "$x"},
+        )
         assert status == 405 and body["errcode"] == "M_BAD_JSON"
-        status, body = await call(matrix_server, alice, "GET",
-                                  room_path(alice.user_id, "@notaroom:x", "account_data/a.b"))
+        status, body = await call(
+            matrix_server, alice, "GET", room_path(alice.user_id, "@notaroom:x", "account_data/a.b")
+        )
         assert status == 400 and body["errcode"] == "M_INVALID_PARAM"
         status, body = await call(matrix_server, alice, "PUT", f"{tags}/{'t' * 256}", {})
         assert status == 400 and body["errcode"] == "M_INVALID_PARAM"
-        status, body = await call(matrix_server, alice, "PUT", f"{tags}/u.bad",
-                                  {"order": "first"})
+        status, body = await call(matrix_server, alice, "PUT", f"{tags}/u.bad", {"order": "first"})
         assert status == 400 and body["errcode"] == "M_BAD_JSON"
         await close(alice, bob)
+
     run(go())
 
 
@@ -177,7 +194,8 @@ def test_sleeping_sync_wakes_at_once_on_account_data(matrix_server):
             (room_path(alice.user_id, room_id, "tags/u.wake"), {}),
         ]:
             waiting = asyncio.ensure_future(
-                sync(matrix_server, alice, first["next_batch"], timeout=10_000))
+                sync(matrix_server, alice, first["next_batch"], timeout=10_000)
+            )
             await asyncio.sleep(0.3)
             assert not waiting.done()
             started = time.monotonic()
@@ -187,6 +205,7 @@ def test_sleeping_sync_wakes_at_once_on_account_data(matrix_server):
             assert global_events(woken) or room_events(woken, room_id)
             first = woken
         await close(alice)
+
     run(go())
 
 
@@ -221,14 +240,18 @@ class ConcurrentWritesTest(unittest.TestCase):
         async def go():
             service = self.hs.account_data
             user, room = "@a:test.local", "!r:test.local"
-            await defer.gatherResults([
-                defer.ensureDeferred(service.set_tag(user, room, f"u.{i}", {"order": i / 20}))
-                for i in range(20)
-            ])
-            await defer.gatherResults([
-                defer.ensureDeferred(service.set_global(user, f"t.{i}", {"i": i}))
-                for i in range(10)
-            ])
+            await defer.gatherResults(
+                [
+                    defer.ensureDeferred(service.set_tag(user, room, f"u.{i}", {"order": i / 20}))
+                    for i in range(20)
+                ]
+            )
+            await defer.gatherResults(
+                [
+                    defer.ensureDeferred(service.set_global(user, f"t.{i}", {"i": i}))
+                    for i in range(10)
+                ]
+            )
             tags = await service.get_tags(user, room)
             self.assertEqual(set(tags), {f"u.{i}" for i in range(20)})
             changes = await service.global_changes(user, 0, service.position)
@@ -239,4 +262,5 @@ class ConcurrentWritesTest(unittest.TestCase):
             service._cache.clear()
             self.assertEqual(await service.get_tags(user, room), tags)
             self.assertEqual(AccountDataService(self.hs).position, 30)
+
         return defer.ensureDeferred(go())

@@ -38,9 +38,6 @@ from tests.support.http import Response, request
 from tests.support.postgres import throwaway_database
 from tests.support.server import REPO, RunningServer, free_port, start_server
 
-# Cheap bcrypt for the server processes the tests start (they inherit os.environ).
-os.environ["HOMESERVER_BCRYPT_ROUNDS"] = "4"
-
 CLIENT = "/_matrix/client/v3"
 FAST = {"per_second": 1000, "burst_count": 10000}
 FAST_LOGIN = {"address": FAST, "account": FAST, "failed_attempts": FAST}
@@ -54,6 +51,19 @@ OPEN = {
 }
 AS_TOKEN = "as-token-for-tests-0123456789"
 SCRIPT = REPO / "scripts" / "register_new_matrix_user"
+
+
+def start(directory: Path, **overrides: Any) -> RunningServer:
+    """start_server with cheap bcrypt (the server reads HOMESERVER_BCRYPT_ROUNDS at start-up)."""
+    saved = os.environ.get("HOMESERVER_BCRYPT_ROUNDS")
+    os.environ["HOMESERVER_BCRYPT_ROUNDS"] = "4"
+    try:
+        return start_server(directory, **overrides)
+    finally:
+        if saved is None:
+            del os.environ["HOMESERVER_BCRYPT_ROUNDS"]
+        else:
+            os.environ["HOMESERVER_BCRYPT_ROUNDS"] = saved
 
 
 def run(coro: Any) -> Any:
@@ -140,7 +150,7 @@ def server(request, tmp_path_factory):
         if request.param == "postgres":
             args = stack.enter_context(throwaway_database())
             overrides["database"] = {"name": "psycopg", "args": args}
-        s = start_server(directory, **overrides)
+        s = start(directory, **overrides)
         stack.callback(s.stop)
         yield s
     assert "Traceback" not in s.log()
@@ -149,7 +159,7 @@ def server(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def closed_server(tmp_path_factory):
     """The defaults: registration and guests off, a registration_shared_secret set."""
-    s = start_server(tmp_path_factory.mktemp("accounts-closed"), rc_login=FAST_LOGIN)
+    s = start(tmp_path_factory.mktemp("accounts-closed"), rc_login=FAST_LOGIN)
     yield s
     s.stop()
     assert "Traceback" not in s.log()
@@ -157,7 +167,7 @@ def closed_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("accounts-token"), enable_registration=True,
+    s = start(tmp_path_factory.mktemp("accounts-token"), enable_registration=True,
                      registration_requires_token=True, rc_registration=FAST,
                      rc_registration_token_validity=FAST, rc_login=FAST_LOGIN)
     yield s
@@ -169,7 +179,7 @@ def token_server(tmp_path_factory):
 def limited_server(tmp_path_factory):
     """Tight registration and login limits behind a reverse proxy (X-Forwarded-For)."""
     slow = {"per_second": 0.001, "burst_count": 2}
-    s = start_server(
+    s = start(
         tmp_path_factory.mktemp("accounts-limited"),
         enable_registration=True, enable_registration_without_verification=True,
         rc_registration=slow, rc_login={"address": slow, "account": FAST, "failed_attempts": slow},
@@ -635,8 +645,10 @@ def test_register_new_matrix_user_script(closed_server):
         return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
                               text=True, timeout=60)
 
-    r = script("-u", "root", "-p", "root-pw", "-a", *configs, s.base_url)
+    # the server's address comes from the config's client listener
+    r = script("-u", "root", "-p", "root-pw", "-a", *configs)
     assert r.returncode == 0, r.stderr
+    assert f"@root:{s.server_name}" in r.stdout
     secret = server_config(s)["registration_shared_secret"]
     r = script("-u", "plain", "-p", "plain-pw", "--no-admin", "-k", secret, s.base_url)
     assert r.returncode == 0, r.stderr

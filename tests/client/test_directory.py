@@ -5,12 +5,15 @@ token where it does not. Every scenario runs on SQLite and on PostgreSQL.
 """
 
 import asyncio
+import hashlib
+import hmac
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from urllib.parse import quote, urlencode
 
 import pytest
+import yaml
 from nio import (
     AsyncClient,
     JoinResponse,
@@ -46,27 +49,53 @@ OPEN_CONFIG = {
         {"action": "allow"},
     ],
 }
+APPSERVICE = {
+    "id": "irc",
+    "url": None,
+    "as_token": "as-token-for-directory-tests",
+    "hs_token": "hs-token-for-directory-tests",
+    "sender_localpart": "ircbot",
+    "namespaces": {
+        "users": [{"exclusive": True, "regex": "@irc_.*"}],
+        "aliases": [{"exclusive": True, "regex": "#irc_.*"}],
+        "rooms": [],
+    },
+}
 CLIENT = "/_matrix/client/v3"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def servers(request, tmp_path_factory):
-    """Per database: a server with the default directory settings and one with
-    allow_public_rooms_without_auth and publication rules (started side by side)."""
+    """Per database: a server with the default directory settings (and an
+    application service reserving #irc_* aliases) and one with
+    allow_public_rooms_without_auth and publication rules, started side by side."""
     with ExitStack() as stack:
         configs = []
         for config in (BASE_CONFIG, OPEN_CONFIG):
+            directory = tmp_path_factory.mktemp(f"directory-{request.param}")
             overrides = dict(config)
+            if config is BASE_CONFIG:
+                appservice = directory / "irc.yaml"
+                appservice.write_text(yaml.safe_dump(APPSERVICE))
+                overrides["app_service_config_files"] = [str(appservice)]
             if request.param == "postgres":
                 args = stack.enter_context(throwaway_database())
                 overrides["database"] = {"name": "psycopg", "args": args}
-            configs.append((tmp_path_factory.mktemp(f"directory-{request.param}"), overrides))
+            configs.append((directory, overrides))
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(start_server, path, **overrides) for path, overrides in configs]
-            started = [f.result() for f in futures]
-        for server in started:
-            stack.callback(server.stop)
+            started, failures = [], []
+            for future in futures:
+                try:
+                    started.append(future.result())
+                    stack.callback(started[-1].stop)
+                except Exception as e:  # stop the other server before failing
+                    failures.append(e)
+        if failures:
+            raise failures[0]
         yield started
+        for server in started:
+            assert "Traceback" not in server.log()
 
 
 @pytest.fixture
@@ -104,6 +133,29 @@ async def register(server, name: str) -> User:
     client = AsyncClient(server.base_url)
     r = await client.register(localpart, "correct horse battery staple")
     assert isinstance(r, RegisterResponse), r
+    return User(server, client)
+
+
+async def register_admin(server, name: str) -> User:
+    """A server admin, through the shared-secret registration admin API."""
+    localpart = f"{name}-{uuid.uuid4().hex[:8]}"
+    password = "correct horse battery staple"
+    merged: dict = {}
+    for path in server.config_paths:
+        merged.update(yaml.safe_load(path.read_text()))
+    url = server.base_url + "/_synapse/admin/v1/register"
+    nonce = request("GET", url).json()["nonce"]
+    fields = [nonce, localpart, password, "admin"]
+    mac = hmac.new(
+        merged["registration_shared_secret"].encode(),
+        b"\x00".join(f.encode() for f in fields),
+        hashlib.sha1,
+    ).hexdigest()
+    body = {"nonce": nonce, "username": localpart, "password": password, "admin": True, "mac": mac}
+    r = request("POST", url, body=body)
+    assert r.status == 200, r.body
+    client = AsyncClient(server.base_url, r.json()["user_id"])
+    client.access_token = r.json()["access_token"]
     return User(server, client)
 
 
@@ -444,5 +496,35 @@ def test_publication_rules_and_unauthenticated_listing(open_server):
         r = request("POST", f"{server.base_url}{CLIENT}/publicRooms", body={})
         assert (r.status, r.json()["errcode"]) == (401, "M_MISSING_TOKEN")
         await close(alice, mallory)
+
+    run(go())
+
+
+def test_server_admins_and_application_service_aliases(server):
+    async def go():
+        alice, bob = await register(server, "alice"), await register(server, "bob")
+        admin = await register_admin(server, "admin")
+        hs = server.server_name
+        room_id = await alice.create_room(visibility=RoomVisibility.private)
+        alias = f"#{unique('alices')}:{hs}"
+        assert alice.api("PUT", alias_path(alias), {"room_id": room_id}).status == 200
+        # A server admin outside the room may see its aliases, add and delete
+        # them, and publish the room; an ordinary outsider may do none of it.
+        r = bob.api("GET", f"/rooms/{quote(room_id)}/aliases")
+        assert (r.status, r.json()["errcode"]) == (403, "M_FORBIDDEN")
+        assert admin.api("GET", f"/rooms/{quote(room_id)}/aliases").json() == {"aliases": [alias]}
+        admins = f"#{unique('admins')}:{hs}"
+        assert admin.api("PUT", alias_path(admins), {"room_id": room_id}).status == 200
+        assert admin.api("DELETE", alias_path(alias)).status == 200
+        path = f"/directory/list/room/{quote(room_id)}"
+        assert admin.api("PUT", path, {"visibility": "public"}).status == 200
+        assert alice.api("GET", path).json() == {"visibility": "public"}
+        # The room creator may delete the admin's alias: she can set the canonical alias.
+        assert alice.api("DELETE", alias_path(admins)).status == 200
+
+        # #irc_* is reserved by the application service for its users.
+        r = alice.api("PUT", alias_path(f"#irc_{unique('x')}:{hs}"), {"room_id": room_id})
+        assert (r.status, r.json()["errcode"]) == (400, "M_EXCLUSIVE")
+        await close(alice, bob, admin)
 
     run(go())

@@ -84,13 +84,17 @@ def test_typing_reaches_the_other_member_and_clears_after_timeout(matrix_server)
         stopped = await bob.sync(timeout=0, since=initial[1]["next_batch"])
         assert await typing_in(stopped, room_id) == []
         await close(alice, bob)
+
     run(go())
 
 
 def test_typing_refused_outside_the_room_and_for_someone_else(matrix_server):
     async def go():
-        alice, bob, mallory = (await register(matrix_server), await register(matrix_server),
-                               await register(matrix_server))
+        alice, bob, mallory = (
+            await register(matrix_server),
+            await register(matrix_server),
+            await register(matrix_server),
+        )
         room_id = await shared_room(alice, bob)
         refused = await mallory.room_typing(room_id, True)
         assert isinstance(refused, RoomTypingError) and refused.status_code == "M_FORBIDDEN"
@@ -102,6 +106,7 @@ def test_typing_refused_outside_the_room_and_for_someone_else(matrix_server):
         status, body = await call(matrix_server, alice, "PUT", path, {"typing": "yes"})
         assert status == 400 and body["errcode"] == "M_BAD_JSON"
         await close(alice, bob, mallory)
+
     run(go())
 
 
@@ -120,6 +125,7 @@ def test_sleeping_sync_wakes_at_once_on_typing(matrix_server):
         assert await typing_in(woken, room_id) == [alice.user_id]
         await alice.room_typing(room_id, False)
         await close(alice, bob)
+
     run(go())
 
 
@@ -130,8 +136,11 @@ def presence_events(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_presence_reaches_room_mates_only(matrix_server):
     async def go():
-        alice, bob, carol = (await register(matrix_server), await register(matrix_server),
-                             await register(matrix_server))
+        alice, bob, carol = (
+            await register(matrix_server),
+            await register(matrix_server),
+            await register(matrix_server),
+        )
         await shared_room(alice, bob)
         _, bob_first = await call(matrix_server, bob, "GET", f"{CLIENT}/sync")
         _, carol_first = await call(matrix_server, carol, "GET", f"{CLIENT}/sync")
@@ -139,20 +148,24 @@ def test_presence_reaches_room_mates_only(matrix_server):
         assert presence_events(bob_first)[bob.user_id]["presence"] == "online"
 
         await alice.set_presence("unavailable", "in a meeting")
-        _, bob_next = await call(matrix_server, bob, "GET",
-                                 f"{CLIENT}/sync?since={bob_first['next_batch']}")
+        _, bob_next = await call(
+            matrix_server, bob, "GET", f"{CLIENT}/sync?since={bob_first['next_batch']}"
+        )
         content = presence_events(bob_next)[alice.user_id]
         assert content["presence"] == "unavailable"
         assert content["status_msg"] == "in a meeting"
         assert content["currently_active"] is False
-        _, carol_next = await call(matrix_server, carol, "GET",
-                                   f"{CLIENT}/sync?since={carol_first['next_batch']}")
+        _, carol_next = await call(
+            matrix_server, carol, "GET", f"{CLIENT}/sync?since={carol_first['next_batch']}"
+        )
         assert alice.user_id not in presence_events(carol_next)
         # matrix-nio parses what we send.
         nio_sync = await bob.sync(timeout=0, since=bob_first["next_batch"])
         assert isinstance(nio_sync, SyncResponse)
-        assert any(e.user_id == alice.user_id and e.presence == "unavailable"
-                   for e in nio_sync.presence_events)
+        assert any(
+            e.user_id == alice.user_id and e.presence == "unavailable"
+            for e in nio_sync.presence_events
+        )
 
         got = await bob.get_presence(alice.user_id)
         assert isinstance(got, PresenceGetResponse)
@@ -165,11 +178,16 @@ def test_presence_reaches_room_mates_only(matrix_server):
         path = f"{CLIENT}/presence/{quote(alice.user_id)}/status"
         status, body = await call(matrix_server, bob, "PUT", path, {"presence": "online"})
         assert status == 403 and body["errcode"] == "M_FORBIDDEN"
-        status, body = await call(matrix_server, carol, "PUT",
-                                  f"{CLIENT}/presence/{quote(carol.user_id)}/status",
-                                  {"presence": "busy"})
+        status, body = await call(
+            matrix_server,
+            carol,
+            "PUT",
+            f"{CLIENT}/presence/{quote(carol.user_id)}/status",
+            {"presence": "busy"},
+        )
         assert status == 400 and body["errcode"] == "M_BAD_JSON"
         await close(alice, bob, carol)
+
     run(go())
 
 
@@ -189,8 +207,10 @@ class FakeRooms:
 
 class FakeConfig:
     def __init__(self, enabled: Any = True) -> None:
-        self.values = {"presence": {"enabled": enabled},
-                       "rc_presence": {"per_user": {"per_second": 100, "burst_count": 100}}}
+        self.values = {
+            "presence": {"enabled": enabled},
+            "rc_presence": {"per_user": {"per_second": 100, "burst_count": 100}},
+        }
 
     @property
     def presence_enabled(self) -> bool:
@@ -206,8 +226,14 @@ def fake_hs(rooms: dict[str, dict[str, str]], presence: Any = True) -> Any:
     reactor.advance(1_000_000)
     clock = Clock(reactor)
     table = FakeRooms(rooms)
-    return SimpleNamespace(reactor=reactor, clock=clock, notifier=Notifier(clock, 0),
-                           room_states=table, user_rooms=table, config=FakeConfig(presence))
+    return SimpleNamespace(
+        reactor=reactor,
+        clock=clock,
+        notifier=Notifier(clock, 0),
+        room_states=table,
+        user_rooms=table,
+        config=FakeConfig(presence),
+    )
 
 
 def resolve(coro: Any) -> Any:
@@ -234,8 +260,10 @@ def test_typing_times_out_on_the_clock():
     waiter = sleeping_sync(hs, "@b:test", [ROOM])
     resolve(typing.set_typing("@a:test", ROOM, True, 10_000))
     assert waiter.called and typing.position == 1
-    assert typing.typing_event(ROOM, 0) == {"type": "m.typing",
-                                            "content": {"user_ids": ["@a:test"]}}
+    assert typing.typing_event(ROOM, 0) == {
+        "type": "m.typing",
+        "content": {"user_ids": ["@a:test"]},
+    }
     assert typing.typing_event(ROOM, 1) is None
     # A refresh before the timeout extends it without a change in the stream.
     hs.reactor.advance(8)
@@ -285,8 +313,11 @@ def test_presence_goes_idle_then_offline_on_the_clock():
     assert waiter.called
     online = presence.position
     events = resolve(presence.updates_for("@b:test", 0, presence.position))
-    assert senders(events)["@a:test"] == {"presence": "online", "last_active_ago": 0,
-                                         "currently_active": True}
+    assert senders(events)["@a:test"] == {
+        "presence": "online",
+        "last_active_ago": 0,
+        "currently_active": True,
+    }
     # Syncing every 30 s keeps the user online until the idle timeout...
     for _ in range(int(IDLE_TIMEOUT_MS / 30_000) - 1):
         hs.reactor.advance(30)
@@ -319,20 +350,31 @@ def test_presence_goes_idle_then_offline_on_the_clock():
 
 
 def test_presence_reaches_room_mates_only_in_process():
-    hs = fake_hs({ROOM: {"@a:test": "join", "@b:test": "join", "@i:test": "invite"},
-                  "!other:test": {"@c:test": "join"}})
+    hs = fake_hs(
+        {
+            ROOM: {"@a:test": "join", "@b:test": "join", "@i:test": "invite"},
+            "!other:test": {"@c:test": "join"},
+        }
+    )
     presence = PresenceService(hs)
     for user in ("@a:test", "@b:test", "@c:test", "@i:test"):
         resolve(presence.on_sync(user, None))
     start = presence.position
     assert set(senders(resolve(presence.updates_for("@b:test", None, start)))) == {
-        "@a:test", "@b:test"}
+        "@a:test",
+        "@b:test",
+    }
     assert set(senders(resolve(presence.updates_for("@c:test", None, start)))) == {"@c:test"}
     resolve(presence.set_status("@a:test", "unavailable", "away"))
     resolve(presence.set_status("@c:test", "online", "here"))
     assert senders(resolve(presence.updates_for("@b:test", start, presence.position))) == {
-        "@a:test": {"presence": "unavailable", "last_active_ago": 0,
-                    "currently_active": False, "status_msg": "away"}}
+        "@a:test": {
+            "presence": "unavailable",
+            "last_active_ago": 0,
+            "currently_active": False,
+            "status_msg": "away",
+        }
+    }
     # Not again after the token moved past it; nothing beyond ``upto``.
     assert resolve(presence.updates_for("@b:test", presence.position, presence.position)) == []
     assert resolve(presence.updates_for("@b:test", start, start)) == []

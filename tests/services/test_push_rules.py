@@ -1,7 +1,13 @@
 """The push rule evaluator in process: the spec's conditions, glob semantics, the
 server-default rules in their order, and what the defaults do with typical events."""
 
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
 import pytest
+from twisted.internet import defer
+from twisted.trial import unittest
 
 from homeserver.errors import MatrixError
 from homeserver.services.push_rules import (
@@ -14,6 +20,7 @@ from homeserver.services.push_rules import (
     ordered_ruleset,
     split_path,
 )
+from tests.support.homeserver import add_user, make_homeserver
 
 ALICE = "@alice:example.org"
 BOB = "@bob:example.org"
@@ -342,3 +349,88 @@ def test_user_independent_conditions_are_checked_once_per_event():
         assert len(calls) == 1
     finally:
         del cond.check
+
+
+# --- PushService and ReceiptsService in process (SQLite) ---------------------------------------
+class PushServiceTests(unittest.TestCase):
+    """Counts straight from the services: main-timeline only counts, survival of a
+    restart, and events landing while a user's counts load."""
+
+    def setUp(self):
+        self.stack = ExitStack()
+        self.directory = Path(self.stack.enter_context(tempfile.TemporaryDirectory()))
+        self.hs = make_homeserver(self.stack, self.directory, "sqlite3")
+
+    def tearDown(self):
+        d = defer.ensureDeferred(self.hs.database.close())
+        d.addBoth(lambda r: (self.stack.close(), r)[1])
+        return d
+
+    async def _room(self):
+        alice = await add_user(self.hs, "alice")
+        bob = await add_user(self.hs, "bob")
+        carol = await add_user(self.hs, "carol")
+        room_id = await self.hs.room_creator.create_room(
+            alice, {"preset": "public_chat", "invite": [bob, carol]})
+        await self.hs.membership.join(bob, room_id)
+        await self.hs.membership.join(carol, room_id)
+        return alice, bob, carol, room_id
+
+    async def _say(self, sender, room_id, body, **extra):
+        pdu = await self.hs.room_sender.send(
+            sender, room_id, "m.room.message", {"msgtype": "m.text", "body": body, **extra})
+        return pdu.event_id
+
+    def test_thread_counts_and_restart(self):
+        async def go():
+            alice, bob, carol, room_id = await self._room()
+            root = await self._say(bob, room_id, "root")
+            thread = {"m.relates_to": {"rel_type": "m.thread", "event_id": root}}
+            await self._say(bob, room_id, "t1", **thread)
+            # A reaction to a thread event is in the thread (and does not notify).
+            last = await self._say(bob, room_id, "t2", **thread)
+            await self.hs.room_sender.send(bob, room_id, "m.reaction", {"m.relates_to": {
+                "rel_type": "m.annotation", "event_id": last, "key": "x"}})
+            await self._say(bob, room_id, "@alice", **{"m.mentions": {"user_ids": [alice]}})
+            push = self.hs.push
+            counts = await push.unread_counts(alice, room_id, thread_counts=True)
+            self.assertEqual(counts, {
+                "unread_notifications": {"notification_count": 2, "highlight_count": 1},
+                "unread_thread_notifications": {
+                    root: {"notification_count": 2, "highlight_count": 0}}})
+            total = await push.unread_counts(alice, room_id)
+            self.assertEqual(total["unread_notifications"],
+                             {"notification_count": 4, "highlight_count": 1})
+            await self.hs.receipts.send_receipt(carol, room_id, "m.read", last, root)
+            await push.flushed()
+
+            # A new server on the same database: counts and receipts are durable.
+            restarted = make_homeserver(self.stack, self.directory, "sqlite3")
+            again = await restarted.push.unread_counts(alice, room_id, thread_counts=True)
+            self.assertEqual(again, counts)
+            carol_counts = await restarted.push.unread_counts(carol, room_id, thread_counts=True)
+            self.assertEqual(carol_counts["unread_thread_notifications"], {})
+            self.assertEqual(carol_counts["unread_notifications"]["notification_count"], 2)
+            event = await restarted.receipts.receipt_event(
+                alice, room_id, None, restarted.receipts.position)
+            self.assertEqual(event["content"][last]["m.read"][carol]["thread_id"], root)
+            await restarted.database.close()
+        return defer.ensureDeferred(go())
+
+    def test_events_landing_while_counts_load_are_counted(self):
+        async def go():
+            alice, bob, carol, room_id = await self._room()
+            await self._say(bob, room_id, "before")
+            await self.hs.push.flushed()
+            # Alice's counts are not loaded yet: load them while more events land.
+            loading = defer.ensureDeferred(self.hs.push.unread_counts(alice, room_id))
+            sends = [defer.ensureDeferred(self._say(bob, room_id, f"m{i}")) for i in range(5)]
+            await defer.gatherResults(sends)
+            await loading
+            counts = await self.hs.push.unread_counts(alice, room_id)
+            self.assertEqual(counts["unread_notifications"]["notification_count"], 6)
+            # Sending reads: alice's own message clears her main timeline.
+            await self._say(alice, room_id, "caught up")
+            counts = await self.hs.push.unread_counts(alice, room_id)
+            self.assertEqual(counts["unread_notifications"]["notification_count"], 0)
+        return defer.ensureDeferred(go())

@@ -97,7 +97,7 @@ class RoomCreator:
         alias = None
         if body.get("room_alias_name") is not None:
             alias = f"#{body['room_alias_name']}:{hs.server_name}"
-            await hs.directory.check_alias_available(alias)
+            await hs.directory.check_alias_available(alias, creator)
 
         creation_content = dict(body.get("creation_content") or {})
         creation_content.pop("room_version", None)
@@ -151,7 +151,7 @@ class RoomCreator:
         if body.get("topic") is not None:
             add("m.room.topic", {
                 "topic": body["topic"],
-                "m.topic": [{"mimetype": "text/plain", "body": body["topic"]}],
+                "m.topic": {"m.text": [{"mimetype": "text/plain", "body": body["topic"]}]},
             })
         for invitee in invitees:
             invitee_profile = await hs.profiles.get_local_profile(invitee)
