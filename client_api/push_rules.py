@@ -29,9 +29,14 @@ def register_push_rule_resources(router: Any, hs: Any) -> None:
     async def put_rule(request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
         who = await hs.auth.get_requester(request)
         body = parse_body(request, schemas.SET_PUSH_RULE)
-        await hs.push.set_rule(who.user_id, kind, rule_id, body,
-                               before=query_arg(request, "before"),
-                               after=query_arg(request, "after"))
+        await hs.push.set_rule(
+            who.user_id,
+            kind,
+            rule_id,
+            body,
+            before=query_arg(request, "before"),
+            after=query_arg(request, "after"),
+        )
         return 200, {}
 
     async def delete_rule(request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
@@ -65,8 +70,9 @@ def register_push_rule_resources(router: Any, hs: Any) -> None:
         limit = query_int(request, "limit")
         if limit is not None and limit < 0:
             raise MatrixError("M_INVALID_PARAM", "limit must not be negative")
-        return 200, await hs.push.notifications(who.user_id, query_arg(request, "from"),
-                                                limit, only)
+        return 200, await hs.push.notifications(
+            who.user_id, query_arg(request, "from"), limit, only
+        )
 
     r = router.register
     r("GET", CLIENT + "/pushrules/?", get_all)

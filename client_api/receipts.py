@@ -14,8 +14,9 @@ ROOM = "/_matrix/client/(?:v3|r0)/rooms/(?P<room_id>[^/]+)"
 
 
 def register_receipt_resources(router: Any, hs: Any) -> None:
-    async def post_receipt(request: Request, room_id: str, receipt_type: str,
-                           event_id: str) -> tuple[int, Any]:
+    async def post_receipt(
+        request: Request, room_id: str, receipt_type: str, event_id: str
+    ) -> tuple[int, Any]:
         who = await hs.auth.get_requester(request)
         body = parse_json_object(request)
         # A null thread_id (matrix-nio sends one) is an unthreaded receipt, like none.
@@ -32,10 +33,15 @@ def register_receipt_resources(router: Any, hs: Any) -> None:
         who = await hs.auth.get_requester(request)
         body = parse_body(request, schemas.READ_MARKERS)
         await hs.receipts.set_read_markers(
-            who.user_id, room_id, body.get("m.fully_read"), body.get("m.read"),
-            body.get("m.read.private"))
+            who.user_id,
+            room_id,
+            body.get("m.fully_read"),
+            body.get("m.read"),
+            body.get("m.read.private"),
+        )
         return 200, {}
 
-    router.register("POST", ROOM + "/receipt/(?P<receipt_type>[^/]+)/(?P<event_id>[^/]+)",
-                    post_receipt)
+    router.register(
+        "POST", ROOM + "/receipt/(?P<receipt_type>[^/]+)/(?P<event_id>[^/]+)", post_receipt
+    )
     router.register("POST", ROOM + "/read_markers", read_markers)

@@ -86,37 +86,51 @@ class PushStore:
             " ORDER BY user_id, kind, priority DESC"
         ).fetchall()
         for user_id, kind, rule_id, conditions, pattern, actions, enabled in rows:
-            rules.setdefault(user_id, {}).setdefault(kind, []).append(StoredRule(
-                rule_id, _loads(actions), bool(enabled), _loads(conditions), pattern))
+            rules.setdefault(user_id, {}).setdefault(kind, []).append(
+                StoredRule(rule_id, _loads(actions), bool(enabled), _loads(conditions), pattern)
+            )
         defaults: dict[str, dict[tuple[str, str], DefaultRuleChange]] = {}
         rows = txn.execute(
             "SELECT user_id, kind, rule_id, enabled, actions FROM push_rule_defaults"
         ).fetchall()
         for user_id, kind, rule_id, enabled, actions in rows:
             defaults.setdefault(user_id, {})[(kind, rule_id)] = DefaultRuleChange(
-                None if enabled is None else bool(enabled), _loads(actions))
+                None if enabled is None else bool(enabled), _loads(actions)
+            )
         return AllPushRules(rules, defaults)
 
     async def set_kind_rules(self, user_id: str, kind: str, rules: Sequence[StoredRule]) -> None:
         """Replace the user's rules of one kind with ``rules`` (most important first)."""
-        await self.db.run_interaction("set_push_rules", self._set_kind_rules_txn, user_id,
-                                      kind, list(rules))
+        await self.db.run_interaction(
+            "set_push_rules", self._set_kind_rules_txn, user_id, kind, list(rules)
+        )
 
-    def _set_kind_rules_txn(self, txn: Txn, user_id: str, kind: str,
-                            rules: list[StoredRule]) -> None:
+    def _set_kind_rules_txn(
+        self, txn: Txn, user_id: str, kind: str, rules: list[StoredRule]
+    ) -> None:
         txn.execute("DELETE FROM push_rules WHERE user_id = ? AND kind = ?", (user_id, kind))
         count = len(rules)
         txn.executemany(
             "INSERT INTO push_rules (user_id, kind, rule_id, priority, conditions, pattern,"
             " actions, enabled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(user_id, kind, r.rule_id, count - i,
-              None if r.conditions is None else _json_encoder.encode(r.conditions),
-              r.pattern, _json_encoder.encode(r.actions), r.enabled)
-             for i, r in enumerate(rules)],
+            [
+                (
+                    user_id,
+                    kind,
+                    r.rule_id,
+                    count - i,
+                    None if r.conditions is None else _json_encoder.encode(r.conditions),
+                    r.pattern,
+                    _json_encoder.encode(r.actions),
+                    r.enabled,
+                )
+                for i, r in enumerate(rules)
+            ],
         )
 
-    async def set_default_change(self, user_id: str, kind: str, rule_id: str,
-                                 change: DefaultRuleChange) -> None:
+    async def set_default_change(
+        self, user_id: str, kind: str, rule_id: str, change: DefaultRuleChange
+    ) -> None:
         actions = None if change.actions is None else _json_encoder.encode(change.actions)
         await self.db.run_interaction(
             "set_push_rule_default",
@@ -129,18 +143,31 @@ class PushStore:
         )
 
     # --- notifications --------------------------------------------------------------
-    async def write_notifications(self, rows: Sequence[PushActionRow],
-                                  marks: Sequence[ReadMark]) -> None:
+    async def write_notifications(
+        self, rows: Sequence[PushActionRow], marks: Sequence[ReadMark]
+    ) -> None:
         await self.db.run_interaction("write_push_actions", self._write_txn, rows, marks)
 
-    def _write_txn(self, txn: Txn, rows: Sequence[PushActionRow],
-                   marks: Sequence[ReadMark]) -> None:
+    def _write_txn(
+        self, txn: Txn, rows: Sequence[PushActionRow], marks: Sequence[ReadMark]
+    ) -> None:
         txn.executemany(
             "INSERT INTO event_push_actions (user_id, room_id, stream_ordering, event_id,"
             " thread_id, highlight, actions, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (user_id, room_id, stream_ordering) DO NOTHING",
-            [(r.user_id, r.room_id, r.stream_ordering, r.event_id, r.thread_id, r.highlight,
-              _json_encoder.encode(r.actions), r.ts) for r in rows],
+            [
+                (
+                    r.user_id,
+                    r.room_id,
+                    r.stream_ordering,
+                    r.event_id,
+                    r.thread_id,
+                    r.highlight,
+                    _json_encoder.encode(r.actions),
+                    r.ts,
+                )
+                for r in rows
+            ],
         )
         txn.executemany(
             "INSERT INTO push_read_marks (user_id, room_id, thread_id, stream_ordering)"
@@ -188,9 +215,12 @@ class PushStore:
         rows = await self.db.select(
             "get_notifications",
             "SELECT room_id, stream_ordering, event_id, thread_id, highlight, actions, ts"
-            " FROM event_push_actions WHERE " + " AND ".join(clauses)
+            " FROM event_push_actions WHERE "
+            + " AND ".join(clauses)
             + " ORDER BY stream_ordering DESC LIMIT ?",
             args,
         )
-        return [PushActionRow(user_id, room, so, eid, thread, bool(hl), json.loads(actions), ts)
-                for room, so, eid, thread, hl, actions, ts in rows]
+        return [
+            PushActionRow(user_id, room, so, eid, thread, bool(hl), json.loads(actions), ts)
+            for room, so, eid, thread, hl, actions, ts in rows
+        ]

@@ -45,8 +45,19 @@ class ReceiptsStore:
             " ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET"
             " event_id = excluded.event_id, event_stream = excluded.event_stream,"
             " ts = excluded.ts, stream_id = excluded.stream_id",
-            [(r.room_id, r.receipt_type, r.user_id, r.thread_id, r.event_id, r.event_stream,
-              r.ts, r.stream_id) for r in receipts],
+            [
+                (
+                    r.room_id,
+                    r.receipt_type,
+                    r.user_id,
+                    r.thread_id,
+                    r.event_id,
+                    r.event_stream,
+                    r.ts,
+                    r.stream_id,
+                )
+                for r in receipts
+            ],
         )
 
     async def get_room_receipts(self, room_id: str) -> list[StoredReceipt]:

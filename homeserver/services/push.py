@@ -126,8 +126,9 @@ class PushService:
     # --- rule sets -----------------------------------------------------------------------
     def ruleset(self, user_id: str) -> dict[str, list[dict[str, Any]]]:
         """The user's rule set in the API's shape (``GET /pushrules/global/``)."""
-        return ordered_ruleset(user_id, self._user_rules.get(user_id, {}),
-                               self._default_changes.get(user_id, {}))
+        return ordered_ruleset(
+            user_id, self._user_rules.get(user_id, {}), self._default_changes.get(user_id, {})
+        )
 
     def push_rules_content(self, user_id: str) -> dict[str, Any]:
         """The content of the user's ``m.push_rules`` account data event."""
@@ -153,8 +154,9 @@ class PushService:
         self._compiled.pop(user_id, None)
         account_data = getattr(self.hs, "account_data", None)
         if account_data is not None:
-            await account_data.set_global(user_id, PUSH_RULES_TYPE,
-                                          self.push_rules_content(user_id))
+            await account_data.set_global(
+                user_id, PUSH_RULES_TYPE, self.push_rules_content(user_id)
+            )
 
     @staticmethod
     def _check_kind(kind: str) -> None:
@@ -169,8 +171,13 @@ class PushService:
         raise MatrixError("M_NOT_FOUND", "The push rule was not found.")
 
     async def set_rule(
-        self, user_id: str, kind: str, rule_id: str, body: dict[str, Any],
-        before: str | None = None, after: str | None = None,
+        self,
+        user_id: str,
+        kind: str,
+        rule_id: str,
+        body: dict[str, Any],
+        before: str | None = None,
+        after: str | None = None,
     ) -> None:
         """PUT /pushrules/global/{kind}/{ruleId}: add or replace a user-defined rule."""
         self._check_kind(kind)
@@ -183,7 +190,8 @@ class PushService:
         if kind in ("override", "underride"):
             conditions = body.get("conditions", [])
             if not isinstance(conditions, list) or not all(
-                    isinstance(c, dict) and isinstance(c.get("kind"), str) for c in conditions):
+                isinstance(c, dict) and isinstance(c.get("kind"), str) for c in conditions
+            ):
                 raise MatrixError("M_INVALID_PARAM", "conditions must be a list of conditions")
             rule["conditions"] = conditions
         elif kind == "content":
@@ -239,18 +247,28 @@ class PushService:
     async def set_actions(self, user_id: str, kind: str, rule_id: str, actions: Any) -> None:
         await self._modify(user_id, kind, rule_id, actions=check_actions(actions))
 
-    async def _modify(self, user_id: str, kind: str, rule_id: str, *,
-                      enabled: bool | None = None, actions: list[Any] | None = None) -> None:
+    async def _modify(
+        self,
+        user_id: str,
+        kind: str,
+        rule_id: str,
+        *,
+        enabled: bool | None = None,
+        actions: list[Any] | None = None,
+    ) -> None:
         self._check_kind(kind)
         async with self._lock(user_id):
             self.get_rule(user_id, kind, rule_id)  # 404 unless it exists
             if rule_id.startswith("."):
                 changes = self._default_changes.setdefault(user_id, {})
                 old_enabled, old_actions = changes.get((kind, rule_id), (None, None))
-                change = (old_enabled if enabled is None else enabled,
-                          old_actions if actions is None else actions)
-                await self.store.set_default_change(user_id, kind, rule_id,
-                                                    DefaultRuleChange(*change))
+                change = (
+                    old_enabled if enabled is None else enabled,
+                    old_actions if actions is None else actions,
+                )
+                await self.store.set_default_change(
+                    user_id, kind, rule_id, DefaultRuleChange(*change)
+                )
                 changes[(kind, rule_id)] = change
                 await self._changed(user_id)
                 return
@@ -321,7 +339,9 @@ class PushService:
         except (KeyError, ValueError):
             sender_power, levels = 0, None
         ctx = EvalContext(
-            event=pdu.data, member_count=joined_count, sender_power=sender_power,
+            event=pdu.data,
+            member_count=joined_count,
+            sender_power=sender_power,
             notification_levels=levels if isinstance(levels, dict) else {},
             display_names=_DisplayNames(room),  # type: ignore[arg-type]
         )
@@ -332,8 +352,18 @@ class PushService:
             if rule is None or not rule.notify:
                 continue
             notified.add(user_id)
-            self._add_row(PushActionRow(user_id, room_id, stream, pdu.event_id, thread,
-                                        rule.highlight, list(rule.actions), now))
+            self._add_row(
+                PushActionRow(
+                    user_id,
+                    room_id,
+                    stream,
+                    pdu.event_id,
+                    thread,
+                    rule.highlight,
+                    list(rule.actions),
+                    now,
+                )
+            )
         return notified
 
     def _add_row(self, row: PushActionRow) -> None:
@@ -425,15 +455,18 @@ class PushService:
             d.callback(state)
         return state
 
-    async def _read_positions(self, user_id: str, room_id: str,
-                              state: _UserUnread) -> tuple[int, dict[str, int], dict[str, int]]:
+    async def _read_positions(
+        self, user_id: str, room_id: str, state: _UserUnread
+    ) -> tuple[int, dict[str, int], dict[str, int]]:
         receipts = getattr(self.hs, "receipts", None)
-        unthreaded, threads = (0, {}) if receipts is None else \
-            await receipts.read_positions(user_id, room_id)
+        unthreaded, threads = (
+            (0, {}) if receipts is None else await receipts.read_positions(user_id, room_id)
+        )
         return unthreaded, threads, state.marks.get(room_id, {})
 
-    async def unread_counts(self, user_id: str, room_id: str,
-                            thread_counts: bool = False) -> dict[str, Any]:
+    async def unread_counts(
+        self, user_id: str, room_id: str, thread_counts: bool = False
+    ) -> dict[str, Any]:
         """Unread notification and highlight counts of the user in the room.
 
         ``unread_notifications`` counts the whole room, or with ``thread_counts``
@@ -452,8 +485,11 @@ class PushService:
         per_thread: dict[str, dict[str, int]] = {}
         for entry in notifications:
             stream, thread, highlight = entry
-            if stream <= unthreaded or stream <= threads.get(thread, 0) \
-                    or stream <= marks.get(thread, 0):
+            if (
+                stream <= unthreaded
+                or stream <= threads.get(thread, 0)
+                or stream <= marks.get(thread, 0)
+            ):
                 continue
             unread.append(entry)
             counts = main if thread == MAIN else per_thread.setdefault(thread, _zero())
@@ -465,8 +501,10 @@ class PushService:
             state.rooms[room_id] = unread
         else:
             state.rooms.pop(room_id, None)
-        return {"unread_notifications": main if thread_counts else total,
-                "unread_thread_notifications": per_thread}
+        return {
+            "unread_notifications": main if thread_counts else total,
+            "unread_thread_notifications": per_thread,
+        }
 
     # --- GET /notifications -------------------------------------------------------------------
     async def notifications(
@@ -479,7 +517,9 @@ class PushService:
                 before = int(from_token)
             except ValueError:
                 raise MatrixError("M_INVALID_PARAM", "Bad from token") from None
-        limit = NOTIFICATIONS_LIMIT if limit is None else max(1, min(limit, MAX_NOTIFICATIONS_LIMIT))
+        limit = (
+            NOTIFICATIONS_LIMIT if limit is None else max(1, min(limit, MAX_NOTIFICATIONS_LIMIT))
+        )
         await self.flushed()
         rows = await self.store.get_notifications(user_id, before, limit, only == "highlight")
         events = await hs.events.get_events(r.event_id for r in rows)
@@ -493,11 +533,19 @@ class PushService:
             if row.room_id not in positions:
                 positions[row.room_id] = await self._read_positions(user_id, row.room_id, state)
             unthreaded, threads, marks = positions[row.room_id]
-            read = row.stream_ordering <= max(unthreaded, threads.get(row.thread_id, 0),
-                                              marks.get(row.thread_id, 0))
+            read = row.stream_ordering <= max(
+                unthreaded, threads.get(row.thread_id, 0), marks.get(row.thread_id, 0)
+            )
             (event,) = await hs.client_events.serialize_events([pdu], user_id, None, False)
-            result.append({"actions": row.actions, "event": event, "read": read,
-                           "room_id": row.room_id, "ts": row.ts})
+            result.append(
+                {
+                    "actions": row.actions,
+                    "event": event,
+                    "read": read,
+                    "room_id": row.room_id,
+                    "ts": row.ts,
+                }
+            )
         body: dict[str, Any] = {"notifications": result}
         if len(rows) == limit:
             body["next_token"] = str(rows[-1].stream_ordering)
@@ -505,8 +553,11 @@ class PushService:
 
 
 def _rule_dict(kind: str, rule: StoredRule) -> dict[str, Any]:
-    entry: dict[str, Any] = {"rule_id": rule.rule_id, "actions": rule.actions,
-                             "enabled": rule.enabled}
+    entry: dict[str, Any] = {
+        "rule_id": rule.rule_id,
+        "actions": rule.actions,
+        "enabled": rule.enabled,
+    }
     if kind in ("override", "underride"):
         entry["conditions"] = rule.conditions or []
     elif kind == "content":
@@ -515,7 +566,10 @@ def _rule_dict(kind: str, rule: StoredRule) -> dict[str, Any]:
 
 
 def _stored_rule(kind: str, rule: dict[str, Any]) -> StoredRule:
-    return StoredRule(rule["rule_id"], list(rule["actions"]), bool(rule["enabled"]),
-                      rule.get("conditions") if kind in ("override", "underride") else None,
-                      rule.get("pattern") if kind == "content" else None)
-
+    return StoredRule(
+        rule["rule_id"],
+        list(rule["actions"]),
+        bool(rule["enabled"]),
+        rule.get("conditions") if kind in ("override", "underride") else None,
+        rule.get("pattern") if kind == "content" else None,
+    )

@@ -38,60 +38,113 @@ def _match(key: str, pattern: str) -> dict[str, Any]:
 def default_override_rules(user_id: str) -> list[dict[str, Any]]:
     return [
         {"rule_id": ".m.rule.master", "conditions": [], "actions": [], "enabled": False},
-        {"rule_id": ".m.rule.suppress_notices",
-         "conditions": [_match("content.msgtype", "m.notice")], "actions": []},
-        {"rule_id": ".m.rule.invite_for_me",
-         "conditions": [_match("type", "m.room.member"), _match("content.membership", "invite"),
-                        _match("state_key", user_id)],
-         "actions": ["notify", _SOUND_DEFAULT]},
-        {"rule_id": ".m.rule.member_event", "conditions": [_match("type", "m.room.member")],
-         "actions": []},
-        {"rule_id": ".m.rule.is_user_mention",
-         "conditions": [{"kind": "event_property_contains", "key": "content.m\\.mentions.user_ids",
-                         "value": user_id}],
-         "actions": ["notify", _SOUND_DEFAULT, _HIGHLIGHT]},
-        {"rule_id": ".m.rule.is_room_mention",
-         "conditions": [{"kind": "event_property_is", "key": "content.m\\.mentions.room",
-                         "value": True},
-                        {"kind": "sender_notification_permission", "key": "room"}],
-         "actions": ["notify", _HIGHLIGHT]},
-        {"rule_id": ".m.rule.tombstone",
-         "conditions": [_match("type", "m.room.tombstone"), _match("state_key", "")],
-         "actions": ["notify", _HIGHLIGHT]},
-        {"rule_id": ".m.rule.reaction", "conditions": [_match("type", "m.reaction")],
-         "actions": []},
-        {"rule_id": ".m.rule.room.server_acl",
-         "conditions": [_match("type", "m.room.server_acl"), _match("state_key", "")],
-         "actions": []},
-        {"rule_id": ".m.rule.suppress_edits",
-         "conditions": [{"kind": "event_property_is", "key": "content.m\\.relates_to.rel_type",
-                         "value": "m.replace"}],
-         "actions": []},
+        {
+            "rule_id": ".m.rule.suppress_notices",
+            "conditions": [_match("content.msgtype", "m.notice")],
+            "actions": [],
+        },
+        {
+            "rule_id": ".m.rule.invite_for_me",
+            "conditions": [
+                _match("type", "m.room.member"),
+                _match("content.membership", "invite"),
+                _match("state_key", user_id),
+            ],
+            "actions": ["notify", _SOUND_DEFAULT],
+        },
+        {
+            "rule_id": ".m.rule.member_event",
+            "conditions": [_match("type", "m.room.member")],
+            "actions": [],
+        },
+        {
+            "rule_id": ".m.rule.is_user_mention",
+            "conditions": [
+                {
+                    "kind": "event_property_contains",
+                    "key": "content.m\\.mentions.user_ids",
+                    "value": user_id,
+                }
+            ],
+            "actions": ["notify", _SOUND_DEFAULT, _HIGHLIGHT],
+        },
+        {
+            "rule_id": ".m.rule.is_room_mention",
+            "conditions": [
+                {"kind": "event_property_is", "key": "content.m\\.mentions.room", "value": True},
+                {"kind": "sender_notification_permission", "key": "room"},
+            ],
+            "actions": ["notify", _HIGHLIGHT],
+        },
+        {
+            "rule_id": ".m.rule.tombstone",
+            "conditions": [_match("type", "m.room.tombstone"), _match("state_key", "")],
+            "actions": ["notify", _HIGHLIGHT],
+        },
+        {
+            "rule_id": ".m.rule.reaction",
+            "conditions": [_match("type", "m.reaction")],
+            "actions": [],
+        },
+        {
+            "rule_id": ".m.rule.room.server_acl",
+            "conditions": [_match("type", "m.room.server_acl"), _match("state_key", "")],
+            "actions": [],
+        },
+        {
+            "rule_id": ".m.rule.suppress_edits",
+            "conditions": [
+                {
+                    "kind": "event_property_is",
+                    "key": "content.m\\.relates_to.rel_type",
+                    "value": "m.replace",
+                }
+            ],
+            "actions": [],
+        },
     ]
 
 
 def default_underride_rules() -> list[dict[str, Any]]:
     one_to_one = {"kind": "room_member_count", "is": "2"}
     return [
-        {"rule_id": ".m.rule.call", "conditions": [_match("type", "m.call.invite")],
-         "actions": ["notify", {"set_tweak": "sound", "value": "ring"}]},
-        {"rule_id": ".m.rule.encrypted_room_one_to_one",
-         "conditions": [one_to_one, _match("type", "m.room.encrypted")],
-         "actions": ["notify", _SOUND_DEFAULT]},
-        {"rule_id": ".m.rule.room_one_to_one",
-         "conditions": [one_to_one, _match("type", "m.room.message")],
-         "actions": ["notify", _SOUND_DEFAULT]},
-        {"rule_id": ".m.rule.message", "conditions": [_match("type", "m.room.message")],
-         "actions": ["notify"]},
-        {"rule_id": ".m.rule.encrypted", "conditions": [_match("type", "m.room.encrypted")],
-         "actions": ["notify"]},
+        {
+            "rule_id": ".m.rule.call",
+            "conditions": [_match("type", "m.call.invite")],
+            "actions": ["notify", {"set_tweak": "sound", "value": "ring"}],
+        },
+        {
+            "rule_id": ".m.rule.encrypted_room_one_to_one",
+            "conditions": [one_to_one, _match("type", "m.room.encrypted")],
+            "actions": ["notify", _SOUND_DEFAULT],
+        },
+        {
+            "rule_id": ".m.rule.room_one_to_one",
+            "conditions": [one_to_one, _match("type", "m.room.message")],
+            "actions": ["notify", _SOUND_DEFAULT],
+        },
+        {
+            "rule_id": ".m.rule.message",
+            "conditions": [_match("type", "m.room.message")],
+            "actions": ["notify"],
+        },
+        {
+            "rule_id": ".m.rule.encrypted",
+            "conditions": [_match("type", "m.room.encrypted")],
+            "actions": ["notify"],
+        },
     ]
 
 
 def default_rules(user_id: str) -> dict[str, list[dict[str, Any]]]:
     """kind -> the server-default rules of that kind for ``user_id`` (fresh copies)."""
-    return {"override": default_override_rules(user_id), "content": [], "room": [],
-            "sender": [], "underride": default_underride_rules()}
+    return {
+        "override": default_override_rules(user_id),
+        "content": [],
+        "room": [],
+        "sender": [],
+        "underride": default_underride_rules(),
+    }
 
 
 MASTER_RULE = ".m.rule.master"
@@ -256,8 +309,9 @@ class EventMatch(Condition):
         self.word_boundary = key == "content.body"
         self.regex = glob_to_regex(pattern, self.word_boundary)
         # A pattern without wildcards on a plain key is an exact, case-insensitive compare.
-        self.literal = None if ("*" in pattern or "?" in pattern or self.word_boundary) \
-            else pattern.casefold()
+        self.literal = (
+            None if ("*" in pattern or "?" in pattern or self.word_boundary) else pattern.casefold()
+        )
 
     def check(self, ctx: EvalContext, user_id: str) -> bool:
         value = resolve_path(ctx.event, self.path)
@@ -294,8 +348,11 @@ class PropertyContains(Condition):
 
 _MEMBER_COUNT = re.compile(r"^(==|<=|>=|<|>)?([0-9]+)$")
 _COMPARE: dict[str, Callable[[int, int], bool]] = {
-    "==": lambda a, b: a == b, "<": lambda a, b: a < b, ">": lambda a, b: a > b,
-    "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
+    "==": lambda a, b: a == b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    ">=": lambda a, b: a >= b,
 }
 
 
@@ -437,8 +494,9 @@ def compile_rule(kind: str, rule: Mapping[str, Any]) -> CompiledRule:
     else:
         conditions = tuple(compile_condition(c) for c in rule_conditions(kind, rule))
     actions = tuple(normalize_actions(rule.get("actions") or []))
-    return CompiledRule(kind, rule_id, conditions, actions, actions_notify(actions),
-                        actions_highlight(actions))
+    return CompiledRule(
+        kind, rule_id, conditions, actions, actions_notify(actions), actions_highlight(actions)
+    )
 
 
 @attrs.frozen
@@ -472,9 +530,12 @@ def ordered_ruleset(
     for kind in KINDS:
         rules: list[dict[str, Any]] = []
         for rule in user_rules.get(kind, []):
-            entry: dict[str, Any] = {"rule_id": rule["rule_id"], "default": False,
-                                     "enabled": bool(rule.get("enabled", True)),
-                                     "actions": list(rule["actions"])}
+            entry: dict[str, Any] = {
+                "rule_id": rule["rule_id"],
+                "default": False,
+                "enabled": bool(rule.get("enabled", True)),
+                "actions": list(rule["actions"]),
+            }
             if kind in ("override", "underride"):
                 entry["conditions"] = list(rule.get("conditions") or [])
             elif kind == "content":
@@ -483,9 +544,12 @@ def ordered_ruleset(
         builtin = []
         for rule in defaults[kind]:
             enabled, actions = default_changes.get((kind, rule["rule_id"]), (None, None))
-            entry = {"rule_id": rule["rule_id"], "default": True,
-                     "enabled": rule.get("enabled", True) if enabled is None else enabled,
-                     "actions": rule["actions"] if actions is None else list(actions)}
+            entry = {
+                "rule_id": rule["rule_id"],
+                "default": True,
+                "enabled": rule.get("enabled", True) if enabled is None else enabled,
+                "actions": rule["actions"] if actions is None else list(actions),
+            }
             if kind in ("override", "underride"):
                 entry["conditions"] = rule["conditions"]
             elif kind == "content":

@@ -71,8 +71,16 @@ class Receipt:
     stream_id: int
 
     def stored(self, room_id: str) -> StoredReceipt:
-        return StoredReceipt(room_id, self.receipt_type, self.user_id, self.thread_id,
-                             self.event_id, self.event_stream, self.ts, self.stream_id)
+        return StoredReceipt(
+            room_id,
+            self.receipt_type,
+            self.user_id,
+            self.thread_id,
+            self.event_id,
+            self.event_stream,
+            self.ts,
+            self.stream_id,
+        )
 
 
 class RoomReceipts:
@@ -95,8 +103,9 @@ class RoomReceipts:
 
     def apply(self, receipt: Receipt) -> None:
         """A receipt just committed."""
-        self.by_user.setdefault(receipt.user_id, {})[(receipt.receipt_type, receipt.thread_id)] \
-            = receipt
+        self.by_user.setdefault(receipt.user_id, {})[(receipt.receipt_type, receipt.thread_id)] = (
+            receipt
+        )
         self.max_stream = max(self.max_stream, receipt.stream_id)
         self.log.append(receipt)
         if len(self.log) > LOG_SIZE:
@@ -122,12 +131,19 @@ class RoomReceipts:
             for receipt in reversed(self.log):
                 if receipt.stream_id <= since:
                     break
-                if receipt.stream_id <= upto and self.get(
-                        receipt.user_id, receipt.receipt_type, receipt.thread_id) is receipt:
+                if (
+                    receipt.stream_id <= upto
+                    and self.get(receipt.user_id, receipt.receipt_type, receipt.thread_id)
+                    is receipt
+                ):
                     found.append(receipt)
             return found
-        return [r for mine in self.by_user.values() for r in mine.values()
-                if r.stream_id <= upto and (since is None or r.stream_id > since)]
+        return [
+            r
+            for mine in self.by_user.values()
+            for r in mine.values()
+            if r.stream_id <= upto and (since is None or r.stream_id > since)
+        ]
 
     def read_positions(self, user_id: str) -> tuple[int, dict[str, int]]:
         """(unthreaded read-up-to, thread -> read-up-to): the furthest of m.read and
@@ -189,8 +205,17 @@ class ReceiptsService:
         # Anything committed while loading was applied to the object already.
         room = self._room_object(room_id)
         for row in rows:
-            room.merge_loaded(Receipt(row.receipt_type, row.user_id, row.thread_id, row.event_id,
-                                      row.event_stream, row.ts, row.stream_id))
+            room.merge_loaded(
+                Receipt(
+                    row.receipt_type,
+                    row.user_id,
+                    row.thread_id,
+                    row.event_id,
+                    row.event_stream,
+                    row.ts,
+                    row.stream_id,
+                )
+            )
         room.complete = True
         for d in self._loading.pop(room_id):
             d.callback(room)
@@ -205,8 +230,12 @@ class ReceiptsService:
     ) -> dict[str, Any] | None:
         """The room's m.receipt event for ``user_id``: receipts changed in (since, upto]."""
         room = self._rooms.get(room_id)
-        if room is not None and since_pos is not None and room.max_stream <= since_pos \
-                and since_pos >= room.log_floor:
+        if (
+            room is not None
+            and since_pos is not None
+            and room.max_stream <= since_pos
+            and since_pos >= room.log_floor
+        ):
             return None  # nothing new, without waiting for a load
         room = await self.room(room_id)
         receipts = room.changed(since_pos, upto)
@@ -227,8 +256,9 @@ class ReceiptsService:
             entry: dict[str, Any] = {"ts": receipt.ts}
             if receipt.thread_id != UNTHREADED:
                 entry["thread_id"] = receipt.thread_id
-            content.setdefault(receipt.event_id, {}).setdefault(
-                receipt.receipt_type, {})[receipt.user_id] = entry
+            content.setdefault(receipt.event_id, {}).setdefault(receipt.receipt_type, {})[
+                receipt.user_id
+            ] = entry
         if not content:
             return None
         return {"type": "m.receipt", "content": content}
@@ -255,7 +285,11 @@ class ReceiptsService:
             raise MatrixError("M_FORBIDDEN", "You are not joined to this room")
 
     async def send_receipt(
-        self, user_id: str, room_id: str, receipt_type: str, event_id: str,
+        self,
+        user_id: str,
+        room_id: str,
+        receipt_type: str,
+        event_id: str,
         thread_id: str | None = None,
     ) -> None:
         """POST /rooms/{roomId}/receipt/{receiptType}/{eventId}."""
@@ -276,12 +310,25 @@ class ReceiptsService:
                 raise MatrixError("M_INVALID_PARAM", "The event is in a thread, not in main")
             if thread_id != MAIN and in_thread != thread_id and event_id != thread_id:
                 raise MatrixError("M_INVALID_PARAM", "The event is not in that thread")
-        await self._write(room_id, Receipt(
-            receipt_type, user_id, UNTHREADED if thread_id is None else thread_id, event_id,
-            event_stream, self.hs.clock.time_msec(), 0))
+        await self._write(
+            room_id,
+            Receipt(
+                receipt_type,
+                user_id,
+                UNTHREADED if thread_id is None else thread_id,
+                event_id,
+                event_stream,
+                self.hs.clock.time_msec(),
+                0,
+            ),
+        )
 
     async def set_read_markers(
-        self, user_id: str, room_id: str, fully_read: str | None, read: str | None,
+        self,
+        user_id: str,
+        room_id: str,
+        fully_read: str | None,
+        read: str | None,
         read_private: str | None,
     ) -> None:
         """POST /rooms/{roomId}/read_markers."""
@@ -327,7 +374,8 @@ class ReceiptsService:
             r = queued.receipt
             key = (queued.room_id, r.user_id, r.receipt_type, r.thread_id)
             current = latest.get(key) or self._room_object(queued.room_id).get(
-                r.user_id, r.receipt_type, r.thread_id)
+                r.user_id, r.receipt_type, r.thread_id
+            )
             if current is not None and current.event_stream >= r.event_stream:
                 queued.done.callback(None)  # overtaken by a newer receipt
                 continue

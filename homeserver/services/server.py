@@ -94,6 +94,9 @@ class HomeServer:
         self.auth = Auth(self)
         self.accounts = AccountService(self)
         self.uia = UserInteractiveAuth(self)
+        # A deactivated user leaves their rooms, then the user directory.
+        self.accounts.deactivation_hooks.append(self.membership.on_user_deactivated)
+        self.accounts.deactivation_hooks.append(self.profiles.on_user_deactivated)
         # Typing, presence, account data, to-device (to_device hooks device deletion)
         self.typing = TypingService(self)
         self.presence = PresenceService(self)

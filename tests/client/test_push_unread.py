@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from nio import JoinError, RoomCreateResponse, RoomSendResponse, SyncResponse
 
-from tests.support.clients import CLIENT, call, close, matrix_server, register  # noqa: F401
+from tests.support.clients import CLIENT, call, close, register
 
 THREADS_FILTER = {"room": {"timeline": {"unread_thread_notifications": True}}}
 
@@ -32,10 +32,10 @@ async def shared_room(*clients: Any) -> str:
     return response.room_id
 
 
-async def send(client: Any, room_id: str, body: str, msgtype: str = "m.text",
-               **extra: Any) -> str:
-    response = await client.room_send(room_id, "m.room.message",
-                                      {"msgtype": msgtype, "body": body, **extra})
+async def send(client: Any, room_id: str, body: str, msgtype: str = "m.text", **extra: Any) -> str:
+    response = await client.room_send(
+        room_id, "m.room.message", {"msgtype": msgtype, "body": body, **extra}
+    )
     assert isinstance(response, RoomSendResponse), response
     return response.event_id
 
@@ -48,8 +48,9 @@ def counts(response: SyncResponse, room_id: str) -> tuple[int, int] | None:
     return unread.notification_count, unread.highlight_count
 
 
-async def raw_sync(server: Any, client: Any, sync_filter: Any = None,
-                   since: str | None = None) -> dict[str, Any]:
+async def raw_sync(
+    server: Any, client: Any, sync_filter: Any = None, since: str | None = None
+) -> dict[str, Any]:
     path = f"{CLIENT}/sync?timeout=0"
     if sync_filter is not None:
         path += "&filter=" + quote(json.dumps(sync_filter))
@@ -67,19 +68,32 @@ async def unread(server: Any, client: Any, room_id: str) -> tuple[int, int]:
     return counts["notification_count"], counts["highlight_count"]
 
 
-async def receipt(server: Any, client: Any, room_id: str, event_id: str,
-                  thread_id: str | None = None, receipt_type: str = "m.read") -> None:
+async def receipt(
+    server: Any,
+    client: Any,
+    room_id: str,
+    event_id: str,
+    thread_id: str | None = None,
+    receipt_type: str = "m.read",
+) -> None:
     body = {} if thread_id is None else {"thread_id": thread_id}
     status, result = await call(
-        server, client, "POST",
-        f"{CLIENT}/rooms/{quote(room_id)}/receipt/{receipt_type}/{quote(event_id)}", body)
+        server,
+        client,
+        "POST",
+        f"{CLIENT}/rooms/{quote(room_id)}/receipt/{receipt_type}/{quote(event_id)}",
+        body,
+    )
     assert status == 200, result
 
 
 def test_unread_count_goes_2_to_0_after_a_read_receipt(matrix_server):
     async def go():
-        alice, bob, carol = (await register(matrix_server), await register(matrix_server),
-                             await register(matrix_server))
+        alice, bob, carol = (
+            await register(matrix_server),
+            await register(matrix_server),
+            await register(matrix_server),
+        )
         room_id = await shared_room(alice, bob, carol)
         since = (await alice.sync(timeout=0)).next_batch
 
@@ -118,18 +132,26 @@ def test_unread_count_goes_2_to_0_after_a_read_receipt(matrix_server):
         await send(alice, room_id, "I read everything")
         assert await unread(matrix_server, alice, room_id) == (0, 0)
         await close(alice, bob, carol)
+
     run(go())
 
 
 def test_mentions_highlight(matrix_server):
     async def go():
-        alice, bob, carol = (await register(matrix_server), await register(matrix_server),
-                             await register(matrix_server))
+        alice, bob, carol = (
+            await register(matrix_server),
+            await register(matrix_server),
+            await register(matrix_server),
+        )
         await alice.set_displayname("Alice Liddell")
         room_id = await shared_room(alice, bob, carol)
         since = (await alice.sync(timeout=0)).next_batch
-        await send(bob, room_id, "Alice Liddell: look at this",
-                   **{"m.mentions": {"user_ids": [alice.user_id]}})
+        await send(
+            bob,
+            room_id,
+            "Alice Liddell: look at this",
+            **{"m.mentions": {"user_ids": [alice.user_id]}},
+        )
         assert counts(await alice.sync(timeout=0, since=since), room_id) == (1, 1)
         assert await unread(matrix_server, carol, room_id) == (1, 0)
         # @room needs the sender's power ("room" notification level, 50): alice created
@@ -138,6 +160,7 @@ def test_mentions_highlight(matrix_server):
         await send(bob, room_id, "@room me too", **{"m.mentions": {"room": True}})
         assert await unread(matrix_server, carol, room_id) == (3, 1)
         await close(alice, bob, carol)
+
     run(go())
 
 
@@ -157,13 +180,17 @@ def test_one_to_one_room_notifies_and_notices_do_not(matrix_server):
         assert note["actions"] == ["notify", {"set_tweak": "sound", "value": "default"}]
         assert "next_token" not in body
         await close(alice, bob)
+
     run(go())
 
 
 def test_thread_counts_with_threaded_receipts(matrix_server):
     async def go():
-        alice, bob, carol = (await register(matrix_server), await register(matrix_server),
-                             await register(matrix_server))
+        alice, bob, carol = (
+            await register(matrix_server),
+            await register(matrix_server),
+            await register(matrix_server),
+        )
         room_id = await shared_room(alice, bob, carol)
         root = await send(bob, room_id, "root")
         thread = {"m.relates_to": {"rel_type": "m.thread", "event_id": root}}
@@ -173,7 +200,8 @@ def test_thread_counts_with_threaded_receipts(matrix_server):
         body = await raw_sync(matrix_server, alice, THREADS_FILTER)
         room = body["rooms"]["join"][room_id]
         assert room["unread_thread_notifications"] == {
-            root: {"notification_count": 2, "highlight_count": 0}}
+            root: {"notification_count": 2, "highlight_count": 0}
+        }
         # (With the filter flag unread_notifications should count the main timeline only:
         # PushService.unread_counts(thread_counts=True), which /sync does not ask for yet;
         # see tests/services/test_push_rules.py.) Without it: the whole room.
@@ -196,6 +224,7 @@ def test_thread_counts_with_threaded_receipts(matrix_server):
         await receipt(matrix_server, carol, room_id, last)
         assert await unread(matrix_server, carol, room_id) == (0, 0)
         await close(alice, bob, carol)
+
     run(go())
 
 
@@ -208,54 +237,89 @@ def test_push_rule_crud_round_trip(matrix_server):
         override_ids = [r["rule_id"] for r in body["global"]["override"]]
         assert override_ids[0] == ".m.rule.master" and ".m.rule.is_user_mention" in override_ids
         assert [r["rule_id"] for r in body["global"]["underride"]][-2:] == [
-            ".m.rule.message", ".m.rule.encrypted"]
+            ".m.rule.message",
+            ".m.rule.encrypted",
+        ]
 
         cake = {"pattern": "cake", "actions": ["notify", {"set_tweak": "sound", "value": "x"}]}
         assert (await call(matrix_server, alice, "PUT", f"{rules}/content/cake", cake))[0] == 200
         lie = {"pattern": "cake*lie", "actions": ["notify"]}
-        status, body = await call(matrix_server, alice, "PUT",
-                                  f"{rules}/content/nocake?before=cake", lie)
+        status, body = await call(
+            matrix_server, alice, "PUT", f"{rules}/content/nocake?before=cake", lie
+        )
         assert status == 200, body
         pie = {"pattern": "pie", "actions": ["dont_notify"]}
-        assert (await call(matrix_server, alice, "PUT", f"{rules}/content/pie?after=cake",
-                           pie))[0] == 200
+        assert (await call(matrix_server, alice, "PUT", f"{rules}/content/pie?after=cake", pie))[
+            0
+        ] == 200
         status, body = await call(matrix_server, alice, "GET", f"{rules}/")
         assert [r["rule_id"] for r in body["content"]] == ["nocake", "cake", "pie"]
         status, body = await call(matrix_server, alice, "GET", f"{rules}/content/nocake")
-        assert (status, body) == (200, {"rule_id": "nocake", "default": False, "enabled": True,
-                                        "pattern": "cake*lie", "actions": ["notify"]})
+        assert (status, body) == (
+            200,
+            {
+                "rule_id": "nocake",
+                "default": False,
+                "enabled": True,
+                "pattern": "cake*lie",
+                "actions": ["notify"],
+            },
+        )
         assert (await call(matrix_server, alice, "GET", f"{rules}/content/pie/actions"))[1] == {
-            "actions": []}
+            "actions": []
+        }
 
         # enabled / actions of a user rule and of a server-default rule
         for rule in ("content/cake", "override/.m.rule.suppress_notices"):
-            status, _ = await call(matrix_server, alice, "PUT", f"{rules}/{rule}/enabled",
-                                   {"enabled": False})
+            status, _ = await call(
+                matrix_server, alice, "PUT", f"{rules}/{rule}/enabled", {"enabled": False}
+            )
             assert status == 200
             assert (await call(matrix_server, alice, "GET", f"{rules}/{rule}/enabled"))[1] == {
-                "enabled": False}
-        status, _ = await call(matrix_server, alice, "PUT",
-                               f"{rules}/underride/.m.rule.message/actions",
-                               {"actions": ["notify", {"set_tweak": "highlight"}]})
+                "enabled": False
+            }
+        status, _ = await call(
+            matrix_server,
+            alice,
+            "PUT",
+            f"{rules}/underride/.m.rule.message/actions",
+            {"actions": ["notify", {"set_tweak": "highlight"}]},
+        )
         assert status == 200
-        status, body = await call(matrix_server, alice, "GET",
-                                  f"{rules}/underride/.m.rule.message")
+        status, body = await call(matrix_server, alice, "GET", f"{rules}/underride/.m.rule.message")
         assert body["default"] is True and body["enabled"] is True
         assert body["actions"] == ["notify", {"set_tweak": "highlight"}]
 
         # Updating keeps the position and the enabled flag; a new override goes first.
-        assert (await call(matrix_server, alice, "PUT", f"{rules}/content/cake",
-                           {"pattern": "cakes", "actions": []}))[0] == 200
+        assert (
+            await call(
+                matrix_server,
+                alice,
+                "PUT",
+                f"{rules}/content/cake",
+                {"pattern": "cakes", "actions": []},
+            )
+        )[0] == 200
         status, body = await call(matrix_server, alice, "GET", f"{rules}/")
         assert [(r["rule_id"], r["enabled"]) for r in body["content"]] == [
-            ("nocake", True), ("cake", False), ("pie", True)]
-        beer = {"conditions": [{"kind": "event_match", "key": "content.body", "pattern": "beer"},
-                               {"kind": "room_member_count", "is": "<=10"}],
-                "actions": ["notify"]}
+            ("nocake", True),
+            ("cake", False),
+            ("pie", True),
+        ]
+        beer = {
+            "conditions": [
+                {"kind": "event_match", "key": "content.body", "pattern": "beer"},
+                {"kind": "room_member_count", "is": "<=10"},
+            ],
+            "actions": ["notify"],
+        }
         assert (await call(matrix_server, alice, "PUT", f"{rules}/override/beer", beer))[0] == 200
         status, body = await call(matrix_server, alice, "GET", f"{rules}/")
         assert [r["rule_id"] for r in body["override"][:3]] == [
-            ".m.rule.master", "beer", ".m.rule.suppress_notices"]
+            ".m.rule.master",
+            "beer",
+            ".m.rule.suppress_notices",
+        ]
 
         status, _ = await call(matrix_server, alice, "DELETE", f"{rules}/content/nocake")
         assert status == 200
@@ -279,46 +343,63 @@ def test_push_rule_crud_round_trip(matrix_server):
 
         # The rule set reaches the client as m.push_rules account data.
         response = await call(matrix_server, alice, "GET", f"{CLIENT}/sync?timeout=0")
-        [event] = [e for e in response[1]["account_data"]["events"]
-                   if e["type"] == "m.push_rules"]
+        [event] = [e for e in response[1]["account_data"]["events"] if e["type"] == "m.push_rules"]
         assert [r["rule_id"] for r in event["content"]["global"]["content"]] == ["cake", "pie"]
         await close(alice)
+
     run(go())
 
 
 def test_disabled_rule_stops_counting_and_room_rule_silences(matrix_server):
     async def go():
-        alice, bob, carol = (await register(matrix_server), await register(matrix_server),
-                             await register(matrix_server))
+        alice, bob, carol = (
+            await register(matrix_server),
+            await register(matrix_server),
+            await register(matrix_server),
+        )
         room_id = await shared_room(alice, bob, carol)
         rules = f"{CLIENT}/pushrules/global"
-        status, _ = await call(matrix_server, alice, "PUT",
-                               f"{rules}/underride/.m.rule.message/enabled", {"enabled": False})
+        status, _ = await call(
+            matrix_server,
+            alice,
+            "PUT",
+            f"{rules}/underride/.m.rule.message/enabled",
+            {"enabled": False},
+        )
         assert status == 200
         await send(bob, room_id, "not counted")
         assert await unread(matrix_server, alice, room_id) == (0, 0)
-        status, _ = await call(matrix_server, alice, "PUT",
-                               f"{rules}/underride/.m.rule.message/enabled", {"enabled": True})
+        status, _ = await call(
+            matrix_server,
+            alice,
+            "PUT",
+            f"{rules}/underride/.m.rule.message/enabled",
+            {"enabled": True},
+        )
         await send(bob, room_id, "counted")
         assert await unread(matrix_server, alice, room_id) == (1, 0)
         # A room rule without actions silences the room; override rules (mentions) still
         # come before room rules.
-        status, _ = await call(matrix_server, alice, "PUT", f"{rules}/room/{quote(room_id)}",
-                               {"actions": []})
+        status, _ = await call(
+            matrix_server, alice, "PUT", f"{rules}/room/{quote(room_id)}", {"actions": []}
+        )
         assert status == 200
         await send(bob, room_id, "silenced")
         await send(bob, room_id, "hey", **{"m.mentions": {"user_ids": [alice.user_id]}})
         assert await unread(matrix_server, alice, room_id) == (2, 1)
 
-        status, body = await call(matrix_server, alice, "GET",
-                                  f"{CLIENT}/notifications?only=highlight")
+        status, body = await call(
+            matrix_server, alice, "GET", f"{CLIENT}/notifications?only=highlight"
+        )
         assert status == 200
         assert [n["event"]["content"]["body"] for n in body["notifications"]] == ["hey"]
         status, body = await call(matrix_server, alice, "GET", f"{CLIENT}/notifications?limit=1")
         assert [n["event"]["content"]["body"] for n in body["notifications"]] == ["hey"]
-        status, more = await call(matrix_server, alice, "GET",
-                                  f"{CLIENT}/notifications?from={body['next_token']}")
+        status, more = await call(
+            matrix_server, alice, "GET", f"{CLIENT}/notifications?from={body['next_token']}"
+        )
         assert [n["event"]["content"]["body"] for n in more["notifications"]] == ["counted"]
         assert more["notifications"][0]["read"] is False
         await close(alice, bob, carol)
+
     run(go())

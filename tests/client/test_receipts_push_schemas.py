@@ -21,8 +21,9 @@ API = DATA / "api" / "client-server"
 def property_example(operation: dict[str, Any]) -> dict[str, Any]:
     """A body built from the per-property examples of the request schema."""
     schema = operation["requestBody"]["content"]["application/json"]["schema"]
-    return {name: prop["example"] for name, prop in schema["properties"].items()
-            if "example" in prop}
+    return {
+        name: prop["example"] for name, prop in schema["properties"].items() if "example" in prop
+    }
 
 
 def examples(filename: str, path: str, method: str) -> list[Any]:
@@ -31,16 +32,31 @@ def examples(filename: str, path: str, method: str) -> list[Any]:
     return found + ([built] if built else [])
 
 
-@pytest.mark.parametrize(("filename", "path", "method", "schema"), [
-    ("receipts.yaml", "/rooms/{roomId}/receipt/{receiptType}/{eventId}", "post",
-     receipt_schemas.RECEIPT),
-    ("read_markers.yaml", "/rooms/{roomId}/read_markers", "post", receipt_schemas.READ_MARKERS),
-    ("pushrules.yaml", "/pushrules/global/{kind}/{ruleId}", "put", push_schemas.SET_PUSH_RULE),
-    ("pushrules.yaml", "/pushrules/global/{kind}/{ruleId}/enabled", "put",
-     push_schemas.SET_PUSH_RULE_ENABLED),
-    ("pushrules.yaml", "/pushrules/global/{kind}/{ruleId}/actions", "put",
-     push_schemas.SET_PUSH_RULE_ACTIONS),
-])
+@pytest.mark.parametrize(
+    ("filename", "path", "method", "schema"),
+    [
+        (
+            "receipts.yaml",
+            "/rooms/{roomId}/receipt/{receiptType}/{eventId}",
+            "post",
+            receipt_schemas.RECEIPT,
+        ),
+        ("read_markers.yaml", "/rooms/{roomId}/read_markers", "post", receipt_schemas.READ_MARKERS),
+        ("pushrules.yaml", "/pushrules/global/{kind}/{ruleId}", "put", push_schemas.SET_PUSH_RULE),
+        (
+            "pushrules.yaml",
+            "/pushrules/global/{kind}/{ruleId}/enabled",
+            "put",
+            push_schemas.SET_PUSH_RULE_ENABLED,
+        ),
+        (
+            "pushrules.yaml",
+            "/pushrules/global/{kind}/{ruleId}/actions",
+            "put",
+            push_schemas.SET_PUSH_RULE_ACTIONS,
+        ),
+    ],
+)
 def test_request_examples_validate(filename, path, method, schema):
     bodies = examples(filename, path, method)
     assert bodies, "the spec has an example"
@@ -50,12 +66,16 @@ def test_request_examples_validate(filename, path, method, schema):
 
 def test_spec_examples_are_the_ones_we_expect():
     assert {"thread_id": "main"} in examples(
-        "receipts.yaml", "/rooms/{roomId}/receipt/{receiptType}/{eventId}", "post")
-    assert {"m.fully_read": "$somewhere:example.org", "m.read": "$elsewhere:example.org",
-            "m.read.private": "$elsewhere:example.org"} in examples(
-        "read_markers.yaml", "/rooms/{roomId}/read_markers", "post")
+        "receipts.yaml", "/rooms/{roomId}/receipt/{receiptType}/{eventId}", "post"
+    )
+    assert {
+        "m.fully_read": "$somewhere:example.org",
+        "m.read": "$elsewhere:example.org",
+        "m.read.private": "$elsewhere:example.org",
+    } in examples("read_markers.yaml", "/rooms/{roomId}/read_markers", "post")
     assert {"pattern": "cake*lie", "actions": ["notify"]} in examples(
-        "pushrules.yaml", "/pushrules/global/{kind}/{ruleId}", "put")
+        "pushrules.yaml", "/pushrules/global/{kind}/{ruleId}", "put"
+    )
 
 
 def test_every_rule_of_the_spec_ruleset_example_is_a_valid_put_body():
@@ -84,10 +104,12 @@ def _inline_refs(node: Any, base: Path) -> Any:
 def test_our_rule_set_has_the_spec_response_shape():
     operation = client_server_operation("pushrules.yaml", "/pushrules/", "get")
     schema = _inline_refs(
-        operation["responses"]["200"]["content"]["application/json"]["schema"], API)
-    user_rules = {"content": [{"rule_id": "cake", "pattern": "cake", "enabled": True,
-                               "actions": ["notify"]}],
-                  "room": [{"rule_id": "!r:x", "enabled": False, "actions": []}]}
+        operation["responses"]["200"]["content"]["application/json"]["schema"], API
+    )
+    user_rules = {
+        "content": [{"rule_id": "cake", "pattern": "cake", "enabled": True, "actions": ["notify"]}],
+        "room": [{"rule_id": "!r:x", "enabled": False, "actions": []}],
+    }
     body = {"global": ordered_ruleset("@alice:example.org", user_rules, {})}
     jsonschema.validate(body, schema)
     # The spec's rule schema requires these on every rule.
@@ -96,24 +118,29 @@ def test_our_rule_set_has_the_spec_response_shape():
             assert {"actions", "default", "enabled", "rule_id"} <= rule.keys()
 
 
-@pytest.mark.parametrize(("body", "schema"), [
-    ({"thread_id": 1}, receipt_schemas.RECEIPT),
-    ({"thread_id": ""}, receipt_schemas.RECEIPT),
-    ([], receipt_schemas.RECEIPT),
-    ({"m.read": 5}, receipt_schemas.READ_MARKERS),
-    ({"m.fully_read": ""}, receipt_schemas.READ_MARKERS),
-    ({}, push_schemas.SET_PUSH_RULE),
-    ({"actions": "notify"}, push_schemas.SET_PUSH_RULE),
-    ({"actions": [1]}, push_schemas.SET_PUSH_RULE),
-    ({"actions": [], "conditions": [{"key": "type"}]}, push_schemas.SET_PUSH_RULE),
-    ({"actions": [], "conditions": [{"kind": "event_property_is", "value": [1]}]},
-     push_schemas.SET_PUSH_RULE),
-    ({"actions": [], "pattern": 3}, push_schemas.SET_PUSH_RULE),
-    ({}, push_schemas.SET_PUSH_RULE_ENABLED),
-    ({"enabled": "true"}, push_schemas.SET_PUSH_RULE_ENABLED),
-    ({}, push_schemas.SET_PUSH_RULE_ACTIONS),
-    ({"actions": {"notify": True}}, push_schemas.SET_PUSH_RULE_ACTIONS),
-])
+@pytest.mark.parametrize(
+    ("body", "schema"),
+    [
+        ({"thread_id": 1}, receipt_schemas.RECEIPT),
+        ({"thread_id": ""}, receipt_schemas.RECEIPT),
+        ([], receipt_schemas.RECEIPT),
+        ({"m.read": 5}, receipt_schemas.READ_MARKERS),
+        ({"m.fully_read": ""}, receipt_schemas.READ_MARKERS),
+        ({}, push_schemas.SET_PUSH_RULE),
+        ({"actions": "notify"}, push_schemas.SET_PUSH_RULE),
+        ({"actions": [1]}, push_schemas.SET_PUSH_RULE),
+        ({"actions": [], "conditions": [{"key": "type"}]}, push_schemas.SET_PUSH_RULE),
+        (
+            {"actions": [], "conditions": [{"kind": "event_property_is", "value": [1]}]},
+            push_schemas.SET_PUSH_RULE,
+        ),
+        ({"actions": [], "pattern": 3}, push_schemas.SET_PUSH_RULE),
+        ({}, push_schemas.SET_PUSH_RULE_ENABLED),
+        ({"enabled": "true"}, push_schemas.SET_PUSH_RULE_ENABLED),
+        ({}, push_schemas.SET_PUSH_RULE_ACTIONS),
+        ({"actions": {"notify": True}}, push_schemas.SET_PUSH_RULE_ACTIONS),
+    ],
+)
 def test_schemas_refuse_wrong_shapes(body, schema):
     with pytest.raises(MatrixError) as e:
         validate(body, schema)

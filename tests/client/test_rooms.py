@@ -291,3 +291,21 @@ def test_per_room_nickname_but_no_membership_by_state_put(matrix_server):
         assert status == 403
         await close(alice, bob)
     run(go())
+
+
+def test_deactivated_user_leaves_their_rooms(matrix_server):
+    async def go():
+        alice, bob = await register(matrix_server), await register(matrix_server)
+        room_id = await create(alice, preset="public_chat")
+        await bob.join(room_id)
+        status, flows = await call(matrix_server, bob, "POST", f"{CLIENT}/account/deactivate", {})
+        assert status == 401
+        status, _ = await call(matrix_server, bob, "POST", f"{CLIENT}/account/deactivate", {
+            "auth": {"type": "m.login.password", "session": flows["session"],
+                     "identifier": {"type": "m.id.user", "user": bob.user_id},
+                     "password": "correct horse battery"}})
+        assert status == 200
+        members = await alice.joined_members(room_id)
+        assert [m.user_id for m in members.members] == [alice.user_id]
+        await close(alice, bob)
+    run(go())

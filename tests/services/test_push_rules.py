@@ -27,13 +27,23 @@ BOB = "@bob:example.org"
 
 
 def event(type_: str = "m.room.message", content=None, **extra):
-    return {"type": type_, "sender": BOB, "room_id": "!r:example.org",
-            "content": {} if content is None else content, **extra}
+    return {
+        "type": type_,
+        "sender": BOB,
+        "room_id": "!r:example.org",
+        "content": {} if content is None else content,
+        **extra,
+    }
 
 
 def ctx(ev, members=3, sender_power=0, notifications=None, names=None):
-    return EvalContext(event=ev, member_count=members, sender_power=sender_power,
-                       notification_levels=notifications or {}, display_names=names or {})
+    return EvalContext(
+        event=ev,
+        member_count=members,
+        sender_power=sender_power,
+        notification_levels=notifications or {},
+        display_names=names or {},
+    )
 
 
 def holds(condition, ev, user=ALICE, **kw):
@@ -45,35 +55,56 @@ def match(key, pattern):
 
 
 # --- event_match -----------------------------------------------------------------------
-@pytest.mark.parametrize(("topic", "expected"), [
-    ("Lunch plans", True), ("LUNCH", True), ("lunch", True),
-    (" lunch", False), ("lunc", False), (None, False), (5, False),
-])
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("Lunch plans", True),
+        ("LUNCH", True),
+        ("lunch", True),
+        (" lunch", False),
+        ("lunc", False),
+        (None, False),
+        (5, False),
+    ],
+)
 def test_event_match_spec_example_whole_value(topic, expected):
     ev = event("m.room.topic", {"topic": topic}, state_key="")
     assert holds(match("content.topic", "lunc?*"), ev) is expected
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ("An example event.", True),
-    ("exple", True),  # at the start and end of the body
-    ("An exciting triple-whammy", True),  # spans words; "-" separates words
-    ("EXAMPLE", True),  # case-insensitive
-    ("examples", False),  # must end at a word boundary
-    ("counterexample", False),  # must start at a word boundary
-    ("an_example", False),  # "_" is a word character
-    ("ex ple", True),  # "*" matches any characters, spaces included
-    ("exp", False),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("An example event.", True),
+        ("exple", True),  # at the start and end of the body
+        ("An exciting triple-whammy", True),  # spans words; "-" separates words
+        ("EXAMPLE", True),  # case-insensitive
+        ("examples", False),  # must end at a word boundary
+        ("counterexample", False),  # must start at a word boundary
+        ("an_example", False),  # "_" is a word character
+        ("ex ple", True),  # "*" matches any characters, spaces included
+        ("exp", False),
+    ],
+)
 def test_event_match_content_body_word_boundaries(body, expected):
     assert holds(match("content.body", "ex*ple"), event(content={"body": body})) is expected
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ("cake", True), ("I like cake!", True), ("Cake.", True), ("(cake)", True),
-    ("cakes", False), ("pancake", False), ("a_cake", False), ("cake2", False),
-    ("caf\u00e9 cake", True), ("caf", False),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("cake", True),
+        ("I like cake!", True),
+        ("Cake.", True),
+        ("(cake)", True),
+        ("cakes", False),
+        ("pancake", False),
+        ("a_cake", False),
+        ("cake2", False),
+        ("caf\u00e9 cake", True),
+        ("caf", False),
+    ],
+)
 def test_content_body_literal_pattern(body, expected):
     assert holds(match("content.body", "cake"), event(content={"body": body})) is expected
 
@@ -101,8 +132,7 @@ def test_event_match_absent_or_not_string_never_matches_even_star():
 
 
 def test_event_match_body_newlines():
-    assert holds(match("content.body", "hello*world"),
-                 event(content={"body": "hello\nbig\nworld"}))
+    assert holds(match("content.body", "hello*world"), event(content={"body": "hello\nbig\nworld"}))
 
 
 def test_glob_matches_helper():
@@ -121,16 +151,25 @@ def test_split_path_escapes():
 
 def test_escaped_dots_reach_dotted_keys():
     ev = event(content={"m.relates_to": {"rel_type": "m.replace"}, "m": {"relates_to": "no"}})
-    cond = {"kind": "event_property_is", "key": "content.m\\.relates_to.rel_type",
-            "value": "m.replace"}
+    cond = {
+        "kind": "event_property_is",
+        "key": "content.m\\.relates_to.rel_type",
+        "value": "m.replace",
+    }
     assert holds(cond, ev)
     assert not holds({**cond, "key": "content.m.relates_to.rel_type"}, ev)
 
 
 # --- event_property_is / contains -------------------------------------------------------
-@pytest.mark.parametrize(("value", "expected"), [
-    (True, True), ("true", False), (1, False), (None, False),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (True, True),
+        ("true", False),
+        (1, False),
+        (None, False),
+    ],
+)
 def test_event_property_is_exact_types(value, expected):
     ev = event("m.room.create", {"m.federate": value}, state_key="")
     cond = {"kind": "event_property_is", "key": "content.m\\.federate", "value": True}
@@ -148,10 +187,14 @@ def test_event_property_is_null_integer_and_compound():
 
 
 def test_event_property_contains():
-    ev = event("m.room.canonical_alias", {
-        "alias": "#somewhere:localhost",
-        "alt_aliases": ["#somewhere:example.org", "#myroom:example.com", {"x": 1}, True]},
-        state_key="")
+    ev = event(
+        "m.room.canonical_alias",
+        {
+            "alias": "#somewhere:localhost",
+            "alt_aliases": ["#somewhere:example.org", "#myroom:example.com", {"x": 1}, True],
+        },
+        state_key="",
+    )
     cond = {"kind": "event_property_contains", "key": "content.alt_aliases"}
     assert holds({**cond, "value": "#myroom:example.com"}, ev)
     assert not holds({**cond, "value": ":example.com"}, ev)  # partial values do not match
@@ -161,10 +204,21 @@ def test_event_property_contains():
 
 
 # --- room_member_count / sender_notification_permission / contains_display_name ------------
-@pytest.mark.parametrize(("is_", "members", "expected"), [
-    ("2", 2, True), ("2", 3, False), ("==2", 2, True), ("<3", 2, True), ("<3", 3, False),
-    (">3", 4, True), (">=3", 3, True), ("<=10", 11, False), ("abc", 2, False), ("=2", 2, False),
-])
+@pytest.mark.parametrize(
+    ("is_", "members", "expected"),
+    [
+        ("2", 2, True),
+        ("2", 3, False),
+        ("==2", 2, True),
+        ("<3", 2, True),
+        ("<3", 3, False),
+        (">3", 4, True),
+        (">=3", 3, True),
+        ("<=10", 11, False),
+        ("abc", 2, False),
+        ("=2", 2, False),
+    ],
+)
 def test_room_member_count(is_, members, expected):
     assert holds({"kind": "room_member_count", "is": is_}, event(), members=members) is expected
 
@@ -193,19 +247,41 @@ def test_unknown_or_malformed_conditions_never_match():
     assert not holds({"kind": "event_match", "key": "type"}, event())  # no pattern
     assert not holds({"kind": "event_property_is", "key": "type", "value": ["x"]}, event())
     assert not holds({"kind": "room_member_count"}, event())
-    rules = compile_ruleset({"override": [
-        {"rule_id": "u", "enabled": True, "conditions": [{"kind": "nope"}],
-         "actions": ["notify"]}]})
+    rules = compile_ruleset(
+        {
+            "override": [
+                {
+                    "rule_id": "u",
+                    "enabled": True,
+                    "conditions": [{"kind": "nope"}],
+                    "actions": ["notify"],
+                }
+            ]
+        }
+    )
     assert rules.evaluate(ctx(event()), ALICE) is None
 
 
 # --- the server-default rules ------------------------------------------------------------
-SPEC_OVERRIDE = [".m.rule.master", ".m.rule.suppress_notices", ".m.rule.invite_for_me",
-                 ".m.rule.member_event", ".m.rule.is_user_mention", ".m.rule.is_room_mention",
-                 ".m.rule.tombstone", ".m.rule.reaction", ".m.rule.room.server_acl",
-                 ".m.rule.suppress_edits"]
-SPEC_UNDERRIDE = [".m.rule.call", ".m.rule.encrypted_room_one_to_one",
-                  ".m.rule.room_one_to_one", ".m.rule.message", ".m.rule.encrypted"]
+SPEC_OVERRIDE = [
+    ".m.rule.master",
+    ".m.rule.suppress_notices",
+    ".m.rule.invite_for_me",
+    ".m.rule.member_event",
+    ".m.rule.is_user_mention",
+    ".m.rule.is_room_mention",
+    ".m.rule.tombstone",
+    ".m.rule.reaction",
+    ".m.rule.room.server_acl",
+    ".m.rule.suppress_edits",
+]
+SPEC_UNDERRIDE = [
+    ".m.rule.call",
+    ".m.rule.encrypted_room_one_to_one",
+    ".m.rule.room_one_to_one",
+    ".m.rule.message",
+    ".m.rule.encrypted",
+]
 
 
 def test_default_rules_in_spec_order():
@@ -215,11 +291,17 @@ def test_default_rules_in_spec_order():
     assert rules["content"] == rules["room"] == rules["sender"] == []
     full = ordered_ruleset(ALICE, {}, {})
     master = full["override"][0]
-    assert master == {"rule_id": ".m.rule.master", "default": True, "enabled": False,
-                      "conditions": [], "actions": []}
+    assert master == {
+        "rule_id": ".m.rule.master",
+        "default": True,
+        "enabled": False,
+        "conditions": [],
+        "actions": [],
+    }
     mention = next(r for r in full["override"] if r["rule_id"] == ".m.rule.is_user_mention")
-    assert mention["conditions"] == [{"kind": "event_property_contains",
-                                      "key": "content.m\\.mentions.user_ids", "value": ALICE}]
+    assert mention["conditions"] == [
+        {"kind": "event_property_contains", "key": "content.m\\.mentions.user_ids", "value": ALICE}
+    ]
     invite = next(r for r in full["override"] if r["rule_id"] == ".m.rule.invite_for_me")
     assert {"key": "state_key", "kind": "event_match", "pattern": ALICE} in invite["conditions"]
     assert all(r["default"] and r["enabled"] for r in full["override"][1:] + full["underride"])
@@ -238,27 +320,43 @@ def test_defaults_on_typical_events():
     assert outcome(event(content=text)) == (".m.rule.message", True, False)
     assert outcome(event(content=text), members=2) == (".m.rule.room_one_to_one", True, False)
     assert outcome(event(content={"msgtype": "m.notice", "body": "bot"}), members=2) == (
-        ".m.rule.suppress_notices", False, False)
+        ".m.rule.suppress_notices",
+        False,
+        False,
+    )
     mention = {**text, "m.mentions": {"user_ids": [ALICE]}}
     assert outcome(event(content=mention)) == (".m.rule.is_user_mention", True, True)
     assert outcome(event(content=mention), user="@carol:example.org") == (
-        ".m.rule.message", True, False)
+        ".m.rule.message",
+        True,
+        False,
+    )
     room_mention = {**text, "m.mentions": {"room": True}}
     assert outcome(event(content=room_mention), sender_power=50) == (
-        ".m.rule.is_room_mention", True, True)
-    assert outcome(event(content=room_mention), sender_power=0) == (
-        ".m.rule.message", True, False)
+        ".m.rule.is_room_mention",
+        True,
+        True,
+    )
+    assert outcome(event(content=room_mention), sender_power=0) == (".m.rule.message", True, False)
     edit = {**text, "m.relates_to": {"rel_type": "m.replace", "event_id": "$x"}}
     assert outcome(event(content=edit))[0] == ".m.rule.suppress_edits"
-    assert outcome(event("m.reaction", {"m.relates_to": {"rel_type": "m.annotation",
-                                                         "event_id": "$x", "key": "+"}}))[1:] \
-        == (False, False)
-    assert outcome(event("m.room.encrypted", {"algorithm": "x"}), members=2)[0] == \
-        ".m.rule.encrypted_room_one_to_one"
+    assert outcome(
+        event(
+            "m.reaction",
+            {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": "+"}},
+        )
+    )[1:] == (False, False)
+    assert (
+        outcome(event("m.room.encrypted", {"algorithm": "x"}), members=2)[0]
+        == ".m.rule.encrypted_room_one_to_one"
+    )
     assert outcome(event("m.room.encrypted", {"algorithm": "x"}))[0] == ".m.rule.encrypted"
     assert outcome(event("m.call.invite", {}))[0] == ".m.rule.call"
     assert outcome(event("m.room.tombstone", {"body": "moved"}, state_key="")) == (
-        ".m.rule.tombstone", True, True)
+        ".m.rule.tombstone",
+        True,
+        True,
+    )
     invite = event("m.room.member", {"membership": "invite"}, state_key=ALICE)
     assert outcome(invite)[:2] == (".m.rule.invite_for_me", True)
     join = event("m.room.member", {"membership": "join"}, state_key=BOB)
@@ -284,26 +382,51 @@ def test_master_rule_enabled_silences_everything():
 
 def test_user_rules_before_defaults_master_first():
     user_rules = {
-        "override": [{"rule_id": "mine", "enabled": True, "actions": ["notify"],
-                      "conditions": [match("content.body", "beer")]}],
-        "content": [{"rule_id": "cake", "enabled": True, "pattern": "cake",
-                     "actions": ["notify", {"set_tweak": "highlight"}]}],
+        "override": [
+            {
+                "rule_id": "mine",
+                "enabled": True,
+                "actions": ["notify"],
+                "conditions": [match("content.body", "beer")],
+            }
+        ],
+        "content": [
+            {
+                "rule_id": "cake",
+                "enabled": True,
+                "pattern": "cake",
+                "actions": ["notify", {"set_tweak": "highlight"}],
+            }
+        ],
         "room": [{"rule_id": "!r:example.org", "enabled": True, "actions": []}],
     }
     full = ordered_ruleset(ALICE, user_rules, {})
-    assert [r["rule_id"] for r in full["override"][:3]] == [".m.rule.master", "mine",
-                                                             ".m.rule.suppress_notices"]
-    assert full["content"] == [{"rule_id": "cake", "default": False, "enabled": True,
-                                "pattern": "cake",
-                                "actions": ["notify", {"set_tweak": "highlight"}]}]
+    assert [r["rule_id"] for r in full["override"][:3]] == [
+        ".m.rule.master",
+        "mine",
+        ".m.rule.suppress_notices",
+    ]
+    assert full["content"] == [
+        {
+            "rule_id": "cake",
+            "default": False,
+            "enabled": True,
+            "pattern": "cake",
+            "actions": ["notify", {"set_tweak": "highlight"}],
+        }
+    ]
     assert outcome(event(content={"body": "beer?"}), user_rules=user_rules)[0] == "mine"
-    assert outcome(event(content={"body": "cake!"}), user_rules=user_rules) == (
-        "cake", True, True)
+    assert outcome(event(content={"body": "cake!"}), user_rules=user_rules) == ("cake", True, True)
     # The room rule (no actions) silences the room's other messages.
     assert outcome(event(content={"body": "hi"}), user_rules=user_rules) == (
-        "!r:example.org", False, False)
-    assert outcome(event(content={"body": "hi"}, room_id="!other:x"),
-                   user_rules=user_rules)[0] == ".m.rule.message"
+        "!r:example.org",
+        False,
+        False,
+    )
+    assert (
+        outcome(event(content={"body": "hi"}, room_id="!other:x"), user_rules=user_rules)[0]
+        == ".m.rule.message"
+    )
 
 
 def test_disabled_rules_and_changed_default_actions():
@@ -311,7 +434,10 @@ def test_disabled_rules_and_changed_default_actions():
     assert outcome(event(content={"body": "hi"}), changes=changes) == (None, False, False)
     changes = {("underride", ".m.rule.message"): (None, ["notify", {"set_tweak": "highlight"}])}
     assert outcome(event(content={"body": "hi"}), changes=changes) == (
-        ".m.rule.message", True, True)
+        ".m.rule.message",
+        True,
+        True,
+    )
     user_rules = {"sender": [{"rule_id": BOB, "enabled": False, "actions": []}]}
     assert outcome(event(content={"body": "hi"}), user_rules=user_rules)[0] == ".m.rule.message"
 
@@ -319,21 +445,37 @@ def test_disabled_rules_and_changed_default_actions():
 def test_actions_checked_and_historical_ones_stripped():
     assert check_actions(["dont_notify"]) == []
     assert check_actions(["notify", "coalesce", {"set_tweak": "sound", "value": "x"}]) == [
-        "notify", {"set_tweak": "sound", "value": "x"}]
+        "notify",
+        {"set_tweak": "sound", "value": "x"},
+    ]
     for bad in ("notify", ["explode"], [{"value": 1}], [3]):
         with pytest.raises(MatrixError) as e:
             check_actions(bad)
         assert e.value.errcode == "M_INVALID_PARAM"
-    rules = compile_ruleset({"underride": [{"rule_id": "x", "enabled": True,
-                                            "conditions": [], "actions": ["dont_notify"]}]})
+    rules = compile_ruleset(
+        {
+            "underride": [
+                {"rule_id": "x", "enabled": True, "conditions": [], "actions": ["dont_notify"]}
+            ]
+        }
+    )
     rule = rules.evaluate(ctx(event()), ALICE)
     assert (rule.notify, rule.actions) == (False, ())
 
 
 def test_highlight_value_false_does_not_highlight():
-    rules = compile_ruleset({"underride": [{
-        "rule_id": "x", "enabled": True, "conditions": [],
-        "actions": ["notify", {"set_tweak": "highlight", "value": False}]}]})
+    rules = compile_ruleset(
+        {
+            "underride": [
+                {
+                    "rule_id": "x",
+                    "enabled": True,
+                    "conditions": [],
+                    "actions": ["notify", {"set_tweak": "highlight", "value": False}],
+                }
+            ]
+        }
+    )
     assert not rules.evaluate(ctx(event()), ALICE).highlight
 
 
@@ -371,14 +513,16 @@ class PushServiceTests(unittest.TestCase):
         bob = await add_user(self.hs, "bob")
         carol = await add_user(self.hs, "carol")
         room_id = await self.hs.room_creator.create_room(
-            alice, {"preset": "public_chat", "invite": [bob, carol]})
+            alice, {"preset": "public_chat", "invite": [bob, carol]}
+        )
         await self.hs.membership.join(bob, room_id)
         await self.hs.membership.join(carol, room_id)
         return alice, bob, carol, room_id
 
     async def _say(self, sender, room_id, body, **extra):
         pdu = await self.hs.room_sender.send(
-            sender, room_id, "m.room.message", {"msgtype": "m.text", "body": body, **extra})
+            sender, room_id, "m.room.message", {"msgtype": "m.text", "body": body, **extra}
+        )
         return pdu.event_id
 
     def test_thread_counts_and_restart(self):
@@ -389,18 +533,28 @@ class PushServiceTests(unittest.TestCase):
             await self._say(bob, room_id, "t1", **thread)
             # A reaction to a thread event is in the thread (and does not notify).
             last = await self._say(bob, room_id, "t2", **thread)
-            await self.hs.room_sender.send(bob, room_id, "m.reaction", {"m.relates_to": {
-                "rel_type": "m.annotation", "event_id": last, "key": "x"}})
+            await self.hs.room_sender.send(
+                bob,
+                room_id,
+                "m.reaction",
+                {"m.relates_to": {"rel_type": "m.annotation", "event_id": last, "key": "x"}},
+            )
             await self._say(bob, room_id, "@alice", **{"m.mentions": {"user_ids": [alice]}})
             push = self.hs.push
             counts = await push.unread_counts(alice, room_id, thread_counts=True)
-            self.assertEqual(counts, {
-                "unread_notifications": {"notification_count": 2, "highlight_count": 1},
-                "unread_thread_notifications": {
-                    root: {"notification_count": 2, "highlight_count": 0}}})
+            self.assertEqual(
+                counts,
+                {
+                    "unread_notifications": {"notification_count": 2, "highlight_count": 1},
+                    "unread_thread_notifications": {
+                        root: {"notification_count": 2, "highlight_count": 0}
+                    },
+                },
+            )
             total = await push.unread_counts(alice, room_id)
-            self.assertEqual(total["unread_notifications"],
-                             {"notification_count": 4, "highlight_count": 1})
+            self.assertEqual(
+                total["unread_notifications"], {"notification_count": 4, "highlight_count": 1}
+            )
             await self.hs.receipts.send_receipt(carol, room_id, "m.read", last, root)
             await push.flushed()
 
@@ -412,9 +566,11 @@ class PushServiceTests(unittest.TestCase):
             self.assertEqual(carol_counts["unread_thread_notifications"], {})
             self.assertEqual(carol_counts["unread_notifications"]["notification_count"], 2)
             event = await restarted.receipts.receipt_event(
-                alice, room_id, None, restarted.receipts.position)
+                alice, room_id, None, restarted.receipts.position
+            )
             self.assertEqual(event["content"][last]["m.read"][carol]["thread_id"], root)
             await restarted.database.close()
+
         return defer.ensureDeferred(go())
 
     def test_events_landing_while_counts_load_are_counted(self):
@@ -433,4 +589,5 @@ class PushServiceTests(unittest.TestCase):
             await self._say(alice, room_id, "caught up")
             counts = await self.hs.push.unread_counts(alice, room_id)
             self.assertEqual(counts["unread_notifications"]["notification_count"], 0)
+
         return defer.ensureDeferred(go())

@@ -5,6 +5,7 @@ is 403 M_FORBIDDEN with the auth rules' reason. Rooms this server is not in
 need federation (make_join / send_join), which the federation work adds.
 """
 
+import logging
 from typing import Any
 
 from homeserver.core.events import MEMBER, Pdu
@@ -13,6 +14,8 @@ from homeserver.services.rooms.creation import ROOM_KIND_DM
 from homeserver.services.rooms.state import RoomState
 
 AUTHORISING_USER = "join_authorised_via_users_server"
+
+logger = logging.getLogger(__name__)
 
 
 class MembershipService:
@@ -151,3 +154,14 @@ class MembershipService:
             raise MatrixError("M_NOT_FOUND", "You have never been in this room")
         await self.hs.events_store.forget_room(user_id, room_id)
         self.hs.user_rooms.forget(user_id, room_id)
+
+    async def on_user_deactivated(self, user_id: str, erase: bool) -> None:
+        """A deactivation hook: the user leaves every room they are in or invited to."""
+        memberships = await self.hs.user_rooms.get(user_id)
+        for room_id, (membership, _, _) in list(memberships.items()):
+            if membership in ("join", "invite", "knock"):
+                try:
+                    await self.leave(user_id, room_id)
+                except MatrixError as e:
+                    logger.warning("deactivating %s: could not leave %s: %s",
+                                   user_id, room_id, e.message)
