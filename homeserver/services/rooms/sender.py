@@ -17,7 +17,7 @@ from homeserver.core.auth_events import auth_state_keys
 from homeserver.core.builder import build_event, reference_hash_b64
 from homeserver.core.events import CREATE, Pdu
 from homeserver.core.room_versions import RoomVersion
-from homeserver.core.validation import EventFormatError
+from homeserver.core.validation import EventFormatError, EventSizeError
 from homeserver.errors import MatrixError
 from homeserver.services.rooms.state import RoomState
 from storage.events import SNAPSHOT_INTERVAL, EventToPersist
@@ -85,8 +85,10 @@ class RoomEventSender:
                 reference_hashes=(lambda e: self._reference_hash(room, e))
                 if version.event_id_in_pdu else None,
             )
+        except EventSizeError as e:
+            raise MatrixError("M_TOO_LARGE", str(e), 413) from e
         except EventFormatError as e:
-            raise MatrixError("M_TOO_LARGE" if "65" in str(e) else "M_BAD_JSON", str(e)) from e
+            raise MatrixError("M_BAD_JSON", str(e)) from e
         auth_events = {k: state_map[k] for k in auth_keys if k in state_map}
         if not version.create_event_in_auth_events:
             auth_events[(CREATE, "")] = room.create_event
