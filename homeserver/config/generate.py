@@ -124,10 +124,74 @@ enable_registration: false
 registration_shared_secret: "{shared_secret}"
 
 ## Media ##
+# See docs/media.md for the storage back-ends, retention and the admin API.
 
+# Where uploaded content and thumbnails are stored (and where uploads are
+# spooled while they arrive, also when media_storage_s3 is set).
 media_store_path: {data_dir}/media_store
-# Largest upload. Default: 50M
+# Largest upload; bigger ones are refused with 413 M_TOO_LARGE as soon as
+# Content-Length (or the bytes received so far) exceed it. Default: 50M
 #max_upload_size: 50M
+# Images with more pixels than this are never decoded (no thumbnails).
+# Default: 32M
+#max_image_pixels: 32M
+# Thumbnails made when an image is uploaded; requests get the closest one
+# at least as large as asked for. Default: the five sizes the spec suggests.
+#thumbnail_sizes:
+#  - {{width: 32, height: 32, method: crop}}
+#  - {{width: 96, height: 96, method: crop}}
+#  - {{width: 320, height: 240, method: scale}}
+#  - {{width: 640, height: 480, method: scale}}
+#  - {{width: 800, height: 600, method: scale}}
+# Make (and keep) thumbnails of exactly the size each request asks for
+# instead of choosing among thumbnail_sizes. Default: false
+#dynamic_thumbnails: false
+# Media uploaded while this is true can only be downloaded through the
+# authenticated /_matrix/client/v1/media endpoints; media uploaded before
+# keeps working on the legacy /_matrix/media ones. Default: true
+#enable_authenticated_media: true
+# POST /_matrix/media/v1/create: how many created but not yet uploaded media
+# ids a user may hold, and how long an unused id lives. Default: 5, 24h
+#max_pending_media_uploads: 5
+#unused_expiration_time: 24h
+# Per-user upload quotas: at most max_size uploaded within each time_period.
+# Over it, uploads answer 403 M_FORBIDDEN. Default: no quota
+#media_upload_limits:
+#  - {{time_period: 1d, max_size: 1G}}
+# Delete media not downloaded for this long (local uploads and cached remote
+# media separately). Checked hourly. Default: keep forever
+#media_retention:
+#  local_media_lifetime: 90d
+#  remote_media_lifetime: 14d
+# Keep content and thumbnails in an S3-compatible bucket instead of on disk.
+# Without access_key_id / secret_access_key boto3's usual credential chain is
+# used. addressing_style: auto, path (MinIO, most self-hosted stores) or
+# virtual. Default: none (local files)
+#media_storage_s3:
+#  bucket: matrix-media
+#  endpoint_url: https://s3.example.com
+#  region_name: us-east-1
+#  access_key_id: "..."
+#  secret_access_key: "..."
+#  prefix: "media/"
+#  addressing_style: auto
+#  verify_tls: true
+
+# URL previews (GET /_matrix/client/v1/media/preview_url). Default: false
+#url_preview_enabled: false
+# Addresses previews never fetch from; every address a name resolves to is
+# checked. Default: ip_range_blocklist (private, loopback, link-local, ...)
+#url_preview_ip_range_blacklist: ["127.0.0.0/8", "10.0.0.0/8", ...]
+# Exceptions to the list above. Default: []
+#url_preview_ip_range_whitelist: []
+# URLs never previewed: each entry matches URL parts (scheme, netloc,
+# username, password, hostname, port, path, params, query, fragment) with a
+# glob, or a regex when it starts with ^. Default: []
+#url_preview_url_blacklist:
+#  - {{netloc: "*.example.com"}}
+#  - {{scheme: http}}
+# Largest page or image a preview downloads. Default: 10M
+#max_spider_size: 10M
 
 ## Application services (bridges) ##
 

@@ -90,6 +90,35 @@ _DATABASE = {
     },
 }
 
+_THUMBNAIL_SIZE = {
+    "type": "object",
+    "required": ["width", "height"],
+    "properties": {
+        "width": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "height": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "method": {"enum": ["crop", "scale"]},
+    },
+    "additionalProperties": False,
+}
+
+# Media content and thumbnails in an S3-compatible bucket instead of
+# media_store_path (which still holds uploads while they arrive).
+_MEDIA_S3 = {
+    "type": ["object", "null"],
+    "required": ["bucket"],
+    "properties": {
+        "bucket": {"type": "string", "minLength": 1},
+        "endpoint_url": _NULLABLE_STR,
+        "region_name": _NULLABLE_STR,
+        "access_key_id": _NULLABLE_STR,
+        "secret_access_key": _NULLABLE_STR,
+        "prefix": _STR,
+        "addressing_style": {"enum": ["auto", "path", "virtual"]},
+        "verify_tls": _BOOL,
+    },
+    "additionalProperties": False,
+}
+
 CONFIG_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["server_name"],
@@ -119,6 +148,52 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "key_refresh_interval": {**_DURATION, "default": "1d"},
         "media_store_path": {**_STR, "default": "media_store"},
         "max_upload_size": {**_SIZE, "default": "50M"},
+        # Media repository (docs/media.md)
+        "max_image_pixels": {**_SIZE, "default": "32M"},
+        "thumbnail_sizes": {
+            "type": "array",
+            "items": _THUMBNAIL_SIZE,
+            "default": [
+                {"width": 32, "height": 32, "method": "crop"},
+                {"width": 96, "height": 96, "method": "crop"},
+                {"width": 320, "height": 240, "method": "scale"},
+                {"width": 640, "height": 480, "method": "scale"},
+                {"width": 800, "height": 600, "method": "scale"},
+            ],
+        },
+        "dynamic_thumbnails": {**_BOOL, "default": False},
+        "enable_authenticated_media": {**_BOOL, "default": True},
+        "max_pending_media_uploads": {"type": "integer", "minimum": 1, "default": 5},
+        "unused_expiration_time": {**_DURATION, "default": "24h"},
+        "media_upload_limits": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["time_period", "max_size"],
+                "properties": {"time_period": _DURATION, "max_size": _SIZE},
+                "additionalProperties": False,
+            },
+            "default": [],
+        },
+        "media_retention": {
+            "type": "object",
+            "properties": {
+                "local_media_lifetime": {"anyOf": [_DURATION, {"type": "null"}]},
+                "remote_media_lifetime": {"anyOf": [_DURATION, {"type": "null"}]},
+            },
+            "additionalProperties": False,
+            "default": {},
+        },
+        "media_storage_s3": {**_MEDIA_S3, "default": None},
+        "url_preview_enabled": {**_BOOL, "default": False},
+        "url_preview_ip_range_blacklist": _STR_LIST,
+        "url_preview_ip_range_whitelist": {**_STR_LIST, "default": []},
+        "url_preview_url_blacklist": {
+            "type": "array",
+            "items": {"type": "object", "additionalProperties": _STR},
+            "default": [],
+        },
+        "max_spider_size": {**_SIZE, "default": "10M"},
         "enable_registration": {**_BOOL, "default": False},
         "enable_registration_without_verification": {**_BOOL, "default": False},
         "registration_requires_token": {**_BOOL, "default": False},

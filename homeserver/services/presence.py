@@ -1,8 +1,8 @@
 """Presence of local users: online, unavailable (idle) or offline, in memory.
 
 A user is *seen* when they sync, set their presence or are active; they are
-*active* when they set themselves online or sync with ``set_presence=online``
-(other services may call ``bump_active``, e.g. when the user sends an event).
+*active* when they set themselves online, sync with ``set_presence=online`` or
+send an event from a client (other services may call ``bump_active`` too).
 
 - A sync without ``set_presence`` brings an offline user online; it does not
   wake an idle one (or the idle timeout would never hold while the client
@@ -18,7 +18,7 @@ user's rooms; /sync sends room-mates the users whose presence changed since
 its token. Presence is not persisted: after a restart everyone starts
 offline and comes back online with their next sync (status messages are
 forgotten). ``presence.enabled: false`` turns all of it off;
-``"untracked"`` keeps explicit presence but ignores syncs.
+``"untracked"`` keeps explicitly set presence but ignores syncs and activity.
 """
 
 import logging
@@ -76,6 +76,10 @@ class PresenceService:
         self._deadlines = DeadlineQueue(self.clock, self._on_due)
         rc = (hs.config.get("rc_presence") or {}).get("per_user") or {}
         self._limiter = ratelimiter_from_config(self.clock, rc)
+        # An event a local user's client sent is activity.
+        persister = getattr(hs, "persister", None)
+        if persister is not None:
+            persister.on_persisted.append(self._on_events_persisted)
 
     # --- what users do ---------------------------------------------------------------------
     async def on_sync(self, user_id: str, set_presence: str | None) -> None:
@@ -105,6 +109,16 @@ class PresenceService:
         presence.last_seen_ts = now
         self._activity(user_id, presence, now)
         self._schedule(user_id, presence)
+
+    def _on_events_persisted(self, items: list[Any]) -> None:
+        """Events sent from a client are activity, for users who have synced or set presence.
+
+        (Others come online with their first sync; this also keeps in-process
+        tests that only send events free of presence timers.)
+        """
+        for sender in {i.pdu.sender for i in items if getattr(i, "device_id", None) is not None}:
+            if sender in self._users:
+                self.bump_active(sender)
 
     async def set_status(self, user_id: str, state: str, status_msg: str | None = _UNSET) -> None:
         """PUT /presence/{userId}/status for the user themself.

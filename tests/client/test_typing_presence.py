@@ -141,7 +141,7 @@ def test_presence_reaches_room_mates_only(matrix_server):
             await register(matrix_server),
             await register(matrix_server),
         )
-        await shared_room(alice, bob)
+        room_id = await shared_room(alice, bob)
         _, bob_first = await call(matrix_server, bob, "GET", f"{CLIENT}/sync")
         _, carol_first = await call(matrix_server, carol, "GET", f"{CLIENT}/sync")
         # Syncing made bob online; he sees himself.
@@ -174,6 +174,15 @@ def test_presence_reaches_room_mates_only(matrix_server):
         assert isinstance(refused, PresenceGetError) and refused.status_code == "M_FORBIDDEN"
         own = await carol.get_presence(carol.user_id)
         assert isinstance(own, PresenceGetResponse) and own.presence == "online"
+
+        # Sending a message is activity: alice is online (and active) again.
+        await alice.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": "hi"})
+        _, bob_last = await call(
+            matrix_server, bob, "GET", f"{CLIENT}/sync?since={bob_next['next_batch']}"
+        )
+        content = presence_events(bob_last)[alice.user_id]
+        assert (content["presence"], content["currently_active"]) == ("online", True)
+        assert content["status_msg"] == "in a meeting"
 
         path = f"{CLIENT}/presence/{quote(alice.user_id)}/status"
         status, body = await call(matrix_server, bob, "PUT", path, {"presence": "online"})
@@ -388,6 +397,27 @@ def test_presence_reaches_room_mates_only_in_process():
             resolve(presence.get_status(requester, "@a:test"))
         assert e.value.errcode == "M_FORBIDDEN"
     assert resolve(presence.get_status("@b:test", "@a:test"))["presence"] == "online"
+    presence.shutdown()
+
+
+def test_events_sent_from_a_client_are_activity():
+    hs = fake_hs({ROOM: {"@a:test": "join", "@b:test": "join"}})
+    hs.persister = SimpleNamespace(on_persisted=[])
+    presence = PresenceService(hs)
+    resolve(presence.set_status("@a:test", "unavailable"))
+    resolve(presence.set_status("@b:test", "unavailable"))
+
+    def item(sender: str, device_id: str | None) -> Any:
+        return SimpleNamespace(pdu=SimpleNamespace(sender=sender), device_id=device_id)
+
+    (hook,) = hs.persister.on_persisted
+    # Not activity: events the server sent for a user, events of users we have
+    # no presence for (remote users, users who never synced).
+    hook([item("@b:test", None), item("@r:elsewhere", "D"), item("@new:test", "D")])
+    assert resolve(presence.get_status("@a:test", "@b:test"))["presence"] == "unavailable"
+    hook([item("@a:test", "DEVICE")])
+    assert resolve(presence.get_status("@b:test", "@a:test"))["presence"] == "online"
+    assert "@r:elsewhere" not in presence._users and "@new:test" not in presence._users
     presence.shutdown()
 
 
