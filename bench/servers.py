@@ -301,19 +301,12 @@ def synapse_python(postgres: bool = False, log: Any = sys.stderr) -> Path:
 
     if not python.exists():
         print(f"bench: creating {SYNAPSE_VENV}", file=log)
-        subprocess.run([sys.executable if not _system_python() else _system_python(),
-                        "-m", "venv", str(SYNAPSE_VENV)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(SYNAPSE_VENV)], check=True)
     wanted = "matrix-synapse[postgres]" if postgres else "matrix-synapse"
     if not works("synapse.app.homeserver") or (postgres and not works("psycopg2")):
         print(f"bench: pip install {wanted} into {SYNAPSE_VENV} (once)", file=log)
         subprocess.run([str(SYNAPSE_VENV / "bin" / "pip"), "install", "-q", wanted], check=True)
     return python
-
-
-def _system_python() -> str | None:
-    """python3 outside our venv, so Synapse's venv does not chain to ours."""
-    base = getattr(sys, "_base_executable", None)
-    return base if base and Path(base).exists() else None
 
 
 class SynapseServer(ServerProcess):

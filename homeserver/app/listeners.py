@@ -6,12 +6,14 @@ from typing import Any
 
 from twisted.internet import ssl
 from twisted.internet.error import CannotListenError
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from client_api import register_client_resources
+from client_api.admin_media import register_admin_media_resources
+from client_api.media import register_client_media_resources, register_media_resources
 from federation import register_federation_resources, register_key_resources
 from homeserver.config import ConfigError
-from homeserver.http.server import JsonResource, RequestTracker
+from homeserver.http.server import CORS_HEADERS, JsonResource, RequestTracker, encode_json
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,12 @@ def build_root_resource(hs: Any, names: set[str], tracker: RequestTracker) -> Js
     _health(router)
     if "client" in names:
         register_client_resources(router, hs)
+        register_admin_media_resources(router, hs)
+    if "media" in names:
+        # /_matrix/media (uploads, legacy downloads) and /_matrix/client/v1/media
+        register_media_resources(router, hs)
+    elif "client" in names:
+        register_client_media_resources(router, hs)
     if "federation" in names:
         register_federation_resources(router, hs)
     if "keys" in names or "federation" in names:
@@ -62,7 +70,112 @@ def tls_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOptions
     )
 
 
+# Upload paths, matched on the raw request target before the body is read.
+_UPLOAD_PATH = re.compile(rb"^/_matrix/media/(?:v3|r0|v1)/upload(?:/[^/?]+/[^/?]+)?/?(?:\?.*)?$")
+# After refusing an oversized upload, how long the rest of its body is read
+# (and dropped) so the client gets to read the 413 before the connection closes.
+REJECTED_UPLOAD_GRACE_SECONDS = 15.0
+
+
+class _DiscardBody:
+    """A request body nobody will read."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class MediaRequest(Request):
+    """A request whose upload body streams to disk and is refused early when too large.
+
+    Twisted buffers a body (in memory when small, in a temporary file otherwise)
+    before the resource sees the request. For the upload paths of a listener
+    serving media, the body instead goes chunk by chunk into the media
+    service's ``UploadSink`` (a file under media_store_path/tmp, hashed as it
+    arrives). A Content-Length over max_upload_size is answered 413
+    M_TOO_LARGE before any of the body is read; a body without one (chunked)
+    as soon as it passes the limit. Every other request is Twisted's as usual.
+    """
+
+    _rejected = False
+
+    def _media_for_upload(self) -> Any:
+        media = getattr(getattr(self.channel, "site", None), "media", None)
+        if media is None:
+            return None
+        # The request line is only on the channel until the body is complete.
+        command = getattr(self.channel, "_command", None)
+        path = getattr(self.channel, "_path", None)
+        if command in (b"POST", b"PUT") and path and _UPLOAD_PATH.match(path):
+            return media
+        return None
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+        media = self._media_for_upload()
+        if media is None:
+            super().gotLength(length)
+            return
+        self._parsePOSTFormSubmission = False  # never parse an upload as a form
+        if length is not None and length > media.max_upload_size:
+            self.content = _DiscardBody()
+            # No "100 Continue" after the 413.
+            self.requestHeaders.removeHeader(b"Expect")
+            self._refuse_too_large()
+            return
+        self.content = media.new_upload_sink()
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        if self._rejected:
+            return
+        self.content.write(data)
+        if getattr(self.content, "too_large", False):
+            self._refuse_too_large()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if self._rejected:
+            # The 413 went out already and the rest of the body was dropped.
+            if self.channel is not None:
+                self.channel.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse_too_large(self) -> None:
+        self._rejected = True
+        old, self.content = self.content, _DiscardBody()
+        old.close()
+        body = encode_json({"errcode": "M_TOO_LARGE",
+                            "error": "Upload is larger than max_upload_size"})
+        lines = [b"HTTP/1.1 413 Request Entity Too Large", b"Content-Type: application/json",
+                 b"Content-Length: %d" % len(body), b"Connection: close",
+                 b"Cache-Control: no-cache, no-store, must-revalidate"]
+        lines += [name + b": " + value for name, value in CORS_HEADERS.items()]
+        self.channel.persistent = False
+        self.channel.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        logger.info("refused an upload larger than max_upload_size from %s",
+                    self.getClientAddress().host)
+        reactor = getattr(self.channel.site, "reactor", None)
+        if reactor is not None:
+            reactor.callLater(REJECTED_UPLOAD_GRACE_SECONDS, self._drop_connection)
+
+    def _drop_connection(self) -> None:
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abortConnection()
+
+
 class _Site(Site):
+    requestFactory = MediaRequest
+
     def log(self, request: Any) -> None:  # access logs go through our own logger
         logger.debug(
             "%s %s %s", request.getClientAddress().host, request.method.decode(), request.code
@@ -77,8 +190,10 @@ def start_listeners(hs: Any, reactor: Any, tracker: RequestTracker) -> list[Any]
             logger.warning("listener type %s is not served yet", listener.get("type"))
             continue
         names = {n for r in listener.get("resources", []) for n in r.get("names", [])}
-        site = _Site(build_root_resource(hs, names, tracker))
+        site = _Site(build_root_resource(hs, names, tracker), reactor=reactor)
         site.displayTracebacks = False
+        if "media" in names:
+            site.media = hs.media  # upload bodies stream to disk (MediaRequest)
         tls = listener.get("tls", False)
         context = None
         if tls:
@@ -103,4 +218,6 @@ def start_listeners(hs: Any, reactor: Any, tracker: RequestTracker) -> list[Any]
                 "https" if tls else "http", host, port.getHost().port, ", ".join(sorted(names)),
             )
             ports.append(port)
+    # Background jobs of the media repository (retention, expiry of unused ids).
+    hs.media.start()
     return ports

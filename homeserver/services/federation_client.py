@@ -34,13 +34,13 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import attrs
 import treq
-from treq.client import HTTPClient
 from OpenSSL import SSL
+from treq.client import HTTPClient
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, URI
+from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -457,6 +457,28 @@ def _json_error(body: Any) -> tuple[str | None, str | None]:
     return None, None
 
 
+async def _with_timeout(reactor: Any, seconds: float, coro: Any) -> Any:
+    """Await ``coro``, cancelling it after ``seconds``: then defer.TimeoutError
+    (whatever exception the cancellation surfaced as)."""
+    d = defer.ensureDeferred(coro)
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    call = reactor.callLater(seconds, expire)
+    try:
+        return await d
+    except Exception as e:
+        if expired:
+            raise defer.TimeoutError(f"timed out after {seconds}s") from e
+        raise
+    finally:
+        if call.active():
+            call.cancel()
+
+
 class _TooLarge(Exception):
     pass
 
@@ -604,12 +626,11 @@ class FederationClient:
             if retry_at is not None:
                 raise NotRetryingDestination(destination, retry_at)
 
-        d = defer.ensureDeferred(
-            self._send(method, destination, uri, content, max_response_size)
-        )
-        d.addTimeout(timeout if timeout is not None else self.timeout, self._reactor)
         try:
-            status, body = await d
+            status, body = await _with_timeout(
+                self._reactor, timeout if timeout is not None else self.timeout,
+                self._send(method, destination, uri, content, max_response_size),
+            )
         except defer.TimeoutError as e:
             self.backoff.record_failure(destination)
             raise RequestFailedError(destination, f"{method} {path} timed out") from e
@@ -684,9 +705,9 @@ class FederationClient:
     async def fetch_well_known(self, hostname: str) -> WellKnownResponse:
         """GET https://<hostname>/.well-known/matrix/server, redirects followed
         (https only, no loops), through the same address policy and TLS."""
-        d = defer.ensureDeferred(self._fetch_well_known(hostname))
-        d.addTimeout(WELL_KNOWN_TIMEOUT_S, self._reactor)
-        return await d
+        return await _with_timeout(
+            self._reactor, WELL_KNOWN_TIMEOUT_S, self._fetch_well_known(hostname)
+        )
 
     async def _fetch_well_known(self, hostname: str) -> WellKnownResponse:
         client = HTTPClient(self._well_known_agent)

@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 from nacl.signing import VerifyKey
 
-from crypto.b64 import Base64Error
+from crypto.b64 import Base64Error, encode_base64
 from crypto.canonical_json import encode_canonical_json
 from crypto.keys import ALGORITHM, decode_verify_key
 from crypto.signing import SignatureError, verify_signature
@@ -41,6 +41,7 @@ from homeserver.core.signatures import (
     verify_pdu_signatures,
     verify_received_pdu,
 )
+from homeserver.services.federation_client import FederationError
 from homeserver.services.inflight import InFlight
 from storage.server_keys import ServerKeyStore, StoredServerKey
 
@@ -259,7 +260,7 @@ class Keyring:
         if self._store is not None and changed:
             await self._store.store_server_keys([
                 StoredServerKey(
-                    server_name, key_id, e.verify_key.encode().hex() and _b64(e.verify_key),
+                    server_name, key_id, encode_base64(bytes(e.verify_key)),
                     e.valid_until_ts, e.expired_ts, e.fetched_from, e.key_json or "{}",
                 )
                 for key_id, e in changed.items()
@@ -267,10 +268,11 @@ class Keyring:
 
     # --- fetching -------------------------------------------------------------------
     async def _refresh(self, server_name: str, key_ids: list[str], minimum: int) -> None:
-        now = self._now_ms()
         last = self._last_fetch.get(server_name)
-        if last is not None and now - last < self._min_refetch_ms:
+        recent = last is not None and self._now_ms() - last < self._min_refetch_ms
+        if recent and not self._fetching.busy(server_name):
             return
+        # While a fetch runs, this joins it (and gets its outcome).
         await self._fetching.run(
             server_name, lambda: self._fetch_everywhere(server_name, key_ids, minimum)
         )
@@ -300,8 +302,6 @@ class Keyring:
 
     async def fetch_direct(self, server_name: str) -> dict[str, Any]:
         """GET the server's own key document, check it, store its keys; return it."""
-        from homeserver.services.federation_client import FederationError
-
         try:
             doc = await self._client.get_json(
                 server_name, "/_matrix/key/v2/server", ignore_backoff=True
@@ -316,8 +316,6 @@ class Keyring:
         self, notary: str, server_name: str, key_ids: list[str], minimum: int
     ) -> None:
         """POST /_matrix/key/v2/query to ``notary``; check and store what it returns."""
-        from homeserver.services.federation_client import FederationError
-
         criteria = {k: {"minimum_valid_until_ts": minimum} for k in key_ids} if minimum else {
             k: {} for k in key_ids}
         try:
@@ -384,7 +382,8 @@ class Keyring:
             fresh = any(e.expired_ts is None and e.valid_at(minimum_valid_until_ts)
                         for e in known.values())
         last = self._last_fetch.get(server_name)
-        if not fresh and (last is None or self._now_ms() - last >= self._min_refetch_ms):
+        recent = last is not None and self._now_ms() - last < self._min_refetch_ms
+        if not fresh and (not recent or self._fetching.busy(server_name)):
             async def fetch() -> None:
                 self._last_fetch[server_name] = self._now_ms()
                 try:
@@ -454,9 +453,3 @@ class Keyring:
             except SignatureError:
                 pass  # the core check reports the problem precisely
         return verify_received_pdu(data, room_version, lookup)
-
-
-def _b64(key: VerifyKey) -> str:
-    from crypto.b64 import encode_base64
-
-    return encode_base64(bytes(key))

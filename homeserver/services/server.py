@@ -18,7 +18,10 @@ from homeserver.services.client_events import ClientEventSerializer
 from homeserver.services.clock import Clock
 from homeserver.services.directory import DirectoryService
 from homeserver.services.events import EventCache, EventsService
+from homeserver.services.federation_client import FederationClient
 from homeserver.services.filters import FilterService
+from homeserver.services.keyring import Keyring
+from homeserver.services.media import MediaService
 from homeserver.services.notifier import Notifier
 from homeserver.services.pagination import PaginationService
 from homeserver.services.presence import PresenceService
@@ -41,6 +44,7 @@ from homeserver.services.user_rooms import StateGroupCache, UserRooms
 from homeserver.services.voip import VoipService
 from storage import Database
 from storage.events import EventsStore
+from storage.server_keys import ServerKeyStore
 
 
 class HomeServer:
@@ -65,6 +69,15 @@ class HomeServer:
             config.get("old_signing_keys") or {},
             parse_duration_ms(config["key_refresh_interval"]),
             self.clock,
+        )
+        # Federation transport: signed outbound requests, other servers' keys
+        self.federation_client = FederationClient.from_config(
+            config, reactor, config.server_name, self.server_keys.signing_key,
+            now_ms=self.clock.time_msec,
+        )
+        self.keyring = Keyring(
+            config.server_name, self.clock.time_msec, self.server_keys, self.federation_client,
+            ServerKeyStore(database), config["trusted_key_servers"],
         )
         # Events and rooms
         self.events_store = EventsStore(database)
@@ -105,6 +118,8 @@ class HomeServer:
         # Receipts, push rules and unread counts (push evaluates each committed batch)
         self.receipts = ReceiptsService(self)
         self.push = PushService(self)
+        # The media repository (uploads, downloads, thumbnails, previews)
+        self.media = MediaService(self)
 
     def _on_persisted(self, items: list[Any]) -> None:
         """After a batch commits: caches first, then wake whoever waits."""

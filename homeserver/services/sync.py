@@ -23,6 +23,7 @@ STRIPPED_STATE_TYPES = (
     "m.room.canonical_alias", "m.room.encryption",
 )
 MAX_HEROES = 5
+TO_DEVICE_LIMIT = 100  # to-device messages per sync
 
 Row = tuple[int, str, int]  # (stream_ordering, event_id, state_group)
 
@@ -116,6 +117,9 @@ class SyncService:
         if rooms:
             result["rooms"] = rooms
         extras = await self._global_extras(req, now)
+        reached = extras.pop("_to_device_reached", None)
+        if reached is not None:
+            result["next_batch"] = str(now.copy_with(to_device=reached))
         result.update(extras)
         empty = not rooms and not any(
             (v.get("events") if isinstance(v, dict) else v) for v in extras.values()
@@ -346,8 +350,12 @@ class SyncService:
         if to_device is not None and req.device_id is not None:
             events = await to_device.messages_for(
                 req.user_id, req.device_id, 0 if since is None else since.to_device,
-                now.to_device)
-            extras["to_device"] = {"events": events}
+                now.to_device, limit=TO_DEVICE_LIMIT)
+            extras["to_device"] = {"events": list(events)}
+            # A capped batch stops the token where it stopped, so the rest come next.
+            reached = getattr(events, "position", now.to_device)
+            if reached < now.to_device:
+                extras["_to_device_reached"] = reached
         device_lists = getattr(hs, "device_lists", None)
         if device_lists is not None and since is not None:
             changes = await device_lists.changes_for(req.user_id, since.device_lists,

@@ -28,6 +28,7 @@ import attrs
 from twisted.internet import defer, protocol, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -158,6 +159,13 @@ class _Collect(protocol.Protocol):
             self._finished.errback(reason)
 
 
+class _Drop(protocol.Protocol):
+    """Refuse a response body: stop the transfer (the connection is closed)."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.stopProducing()
+
+
 class _OpenGraph(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -249,26 +257,30 @@ class UrlPreviewer:
         self._store_image = store_image
         self._now_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._cache: OrderedDict[str, tuple[int, dict[str, Any]]] = OrderedDict()
-        self._in_flight: dict[str, defer.Deferred[dict[str, Any]]] = {}
+        self._in_flight: dict[str, list[defer.Deferred[dict[str, Any]]]] = {}
 
     async def preview(self, url: str) -> dict[str, Any]:
+        """The OpenGraph data of ``url`` (cached for an hour; concurrent asks share a fetch)."""
         self._check_url(url)
-        now = self._now_ms()
         cached = self._cache.get(url)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self._now_ms():
             return cached[1]
-        pending = self._in_flight.get(url)
-        if pending is None:
-            pending = defer.ensureDeferred(self._preview(url))
-            self._in_flight[url] = pending
-            pending.addBoth(self._forget_in_flight, url)
-        waiter: defer.Deferred[dict[str, Any]] = defer.Deferred()
-        pending.addBoth(lambda r: (waiter.callback(r), r)[1])
-        result = await waiter
-        return result
-
-    def _forget_in_flight(self, result: Any, url: str) -> Any:
-        self._in_flight.pop(url, None)
+        waiters = self._in_flight.get(url)
+        if waiters is not None:
+            waiter: defer.Deferred[dict[str, Any]] = defer.Deferred()
+            waiters.append(waiter)
+            return await waiter
+        waiters = self._in_flight[url] = []
+        try:
+            result = await self._preview(url)
+        except BaseException as e:
+            for w in waiters:
+                w.errback(Failure(e))
+            raise
+        finally:
+            del self._in_flight[url]
+        for w in waiters:
+            w.callback(result)
         return result
 
     async def _preview(self, url: str) -> dict[str, Any]:
@@ -400,7 +412,7 @@ class UrlPreviewer:
 
     async def _body(self, response: Any, limit: int, discard: bool = False) -> bytes:
         if response.length is not UNKNOWN_LENGTH and response.length > limit:
-            response.deliverBody(_Collect(defer.Deferred(), -1))  # drops the connection
+            response.deliverBody(_Drop())
             if discard:
                 return b""
             raise MatrixError("M_TOO_LARGE", "The page is larger than max_spider_size", 502)

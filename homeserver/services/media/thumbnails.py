@@ -48,11 +48,12 @@ class ThumbnailSpec:
 
 @attrs.frozen
 class Thumbnail:
-    spec: ThumbnailSpec  # animated is True only when the output is animated
+    spec: ThumbnailSpec  # as asked for
     content_type: str
     width: int
     height: int
     data: bytes
+    animated: bool = False  # whether the output is animated
 
 
 @attrs.frozen
@@ -191,45 +192,39 @@ def _animated(img: Image.Image, spec: ThumbnailSpec, max_pixels: int) -> Thumbna
         out, "WEBP", save_all=True, append_images=frames[1:], duration=durations,
         loop=int(img.info.get("loop", 0)), quality=JPEG_QUALITY,
     )
-    return Thumbnail(
-        attrs.evolve(spec, animated=True), "image/webp", frames[0].size[0], frames[0].size[1],
-        out.getvalue(),
-    )
+    return Thumbnail(spec, "image/webp", frames[0].size[0], frames[0].size[1], out.getvalue(),
+                     animated=True)
 
 
 def make_thumbnails(path: str, specs: list[ThumbnailSpec], max_pixels: int) -> list[Thumbnail]:
-    """Decode the image at ``path`` once and make every requested thumbnail.
+    """Decode the image at ``path`` once and make every thumbnail, in the order of ``specs``.
 
     An ``animated`` spec gives an animated WebP when the source is animated
     (and small enough), otherwise a static thumbnail of the first frame.
+    Raises ImageTooLarge or CannotThumbnail.
     """
     img = _open(path, max_pixels)
     try:
-        results: list[Thumbnail] = []
+        results: list[Thumbnail | None] = [None] * len(specs)
         is_animated = bool(getattr(img, "is_animated", False))
-        static_specs = []
-        for spec in specs:
+        static: list[int] = []
+        for i, spec in enumerate(specs):
             if spec.animated and is_animated:
-                thumb = _animated(img, spec, max_pixels)
-                if thumb is not None:
-                    results.append(thumb)
-                    continue
-            static_specs.append(attrs.evolve(spec, animated=False))
-        if static_specs:
+                results[i] = _animated(img, spec, max_pixels)
+            if results[i] is None:
+                static.append(i)
+        if static:
             if img.format == "JPEG" and not is_animated:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers
                 # every box, either way round (EXIF rotation may swap the sides).
-                side = max(max(s.width, s.height) for s in static_specs)
+                side = max(max(specs[i].width, specs[i].height) for i in static)
                 img.draft("RGB", (side, side))
-            try:
-                frame, content_type = _static_frame(img)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise CannotThumbnail(str(e)) from None
-            for spec in static_specs:
-                out = _transform(frame, spec)
-                results.append(Thumbnail(spec, content_type, out.size[0], out.size[1],
-                                         _encode(out, content_type)))
-        return results
+            frame, content_type = _static_frame(img)
+            for i in static:
+                out = _transform(frame, specs[i])
+                results[i] = Thumbnail(specs[i], content_type, out.size[0], out.size[1],
+                                       _encode(out, content_type))
+        return [r for r in results if r is not None]
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise CannotThumbnail(str(e)) from None
     finally:

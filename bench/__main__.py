@@ -1,0 +1,191 @@
+"""``python -m bench``: our server and Synapse side by side. See docs/performance.md."""
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.servers import (
+    BENCH_DIR,
+    REPO,
+    OurServer,
+    ServerProcess,
+    SynapseServer,
+    throwaway_databases,
+)
+from bench.workload import Scale, run_workload
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark this homeserver side by side with Synapse (client-server API).",
+    )
+    p.add_argument("--quick", action="store_true", help="minimal scale (a smoke run)")
+    p.add_argument("--users", type=int, help="users registered and joined to the main room")
+    p.add_argument("--messages", type=int, help="sequential sends; total of each concurrent run")
+    p.add_argument("--delivery", type=int, help="messages timed to a long-polling /sync")
+    p.add_argument("--rooms", type=int, help="rooms of the initial-sync user")
+    p.add_argument("--history", type=int, help="messages in each of those rooms")
+    p.add_argument("--devices", type=int, help="initial syncs (one per device)")
+    p.add_argument("--members", type=int, help="members joining the big room one by one")
+    p.add_argument("--reactions", type=int, help="reactions to one message")
+    p.add_argument("--media-reps", type=int, help="uploads+downloads per media size")
+    p.add_argument("--postgres", action="store_true",
+                   help="both servers on throw-away PostgreSQL databases (127.0.0.1:5432, user "
+                        "postgres; BENCH_POSTGRES_DSN overrides) instead of SQLite")
+    p.add_argument("--no-synapse", action="store_true", help="run against our server only")
+    p.add_argument("--bcrypt-rounds", type=int, default=12,
+                   help="password hashing cost on both servers (default 12, both defaults)")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="seconds of quiet between phase runs (default 0.5)")
+    p.add_argument("--output", type=Path,
+                   help="JSON file (default bench-results/<timestamp>.json)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the servers' directories (configs, logs, databases)")
+    p.add_argument("--profile", choices=["ours", "synapse", "both"],
+                   help="record py-spy flame graphs of that server (skews its figures)")
+    return p.parse_args(argv)
+
+
+def scale_from(args: argparse.Namespace) -> Scale:
+    scale = Scale.quick() if args.quick else Scale()
+    for name in ("users", "messages", "delivery", "rooms", "history", "devices", "members",
+                 "reactions", "media_reps"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(scale, name, value)
+    scale.check()
+    return scale
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def start_profiler(server: ServerProcess, out: Path) -> subprocess.Popen[bytes] | None:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists() and not shutil.which("py-spy"):
+        log("bench: py-spy not found (pip install py-spy); not profiling")
+        return None
+    log(f"bench: profiling {server.label} into {out}")
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(server.pid), "--rate", "100", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".log"), "wb"),  # noqa: SIM115
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        scale = scale_from(args)
+    except ValueError as e:
+        log(f"bench: {e}")
+        return 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output = args.output or REPO / "bench-results" / f"{stamp}.json"
+    workdir = BENCH_DIR / "runs" / stamp
+    workdir.mkdir(parents=True, exist_ok=True)
+    (BENCH_DIR / ".gitignore").write_text("*\n")
+    started = datetime.datetime.now().astimezone()
+    load_start = os.getloadavg()
+    engine = "postgresql" if args.postgres else "sqlite"
+    log(f"bench: {engine}, scale {scale}, load average {load_start[0]:.2f}")
+    servers: list[ServerProcess] = []
+    resources: dict[str, dict[str, float]] = {}
+    versions: dict[str, str] = {}
+    profilers: list[subprocess.Popen[bytes]] = []
+    try:
+        with ExitStack() as stack:
+            create_db = stack.enter_context(throwaway_databases()) if args.postgres else None
+            ours = OurServer(workdir / "ours", create_db("ours") if create_db else None,
+                             args.bcrypt_rounds)
+            servers.append(ours)
+            if not args.no_synapse:
+                synapse = SynapseServer(workdir / "synapse",
+                                        create_db("synapse") if create_db else None,
+                                        args.bcrypt_rounds)
+                servers.append(synapse)
+            for server in servers:
+                log(f"bench: starting {server.label} on {server.base_url}")
+                stack.callback(server.stop)
+                t0 = time.perf_counter()
+                server.start()
+                resources[server.label] = {"startup_s": time.perf_counter() - t0}
+                versions[server.label] = server.version
+            time.sleep(5)  # let start-up work settle before reading idle memory
+            for server in servers:
+                st = server.stats()
+                resources[server.label].update(
+                    idle_rss_mib=st.rss_kib / 1024, startup_cpu_s=st.cpu_s)
+            if args.profile:
+                for server in servers:
+                    if args.profile in (server.label, "both"):
+                        out = output.with_name(f"{output.stem}-{server.label}.svg")
+                        output.parent.mkdir(parents=True, exist_ok=True)
+                        proc = start_profiler(server, out)
+                        if proc is not None:
+                            profilers.append(proc)
+            results = asyncio.run(run_workload(servers, scale, settle_s=args.settle, log=log))
+            for proc in profilers:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            for server in servers:
+                st = server.stats()
+                resources[server.label].update(
+                    peak_rss_mib=st.hwm_kib / 1024, final_rss_mib=st.rss_kib / 1024,
+                    cpu_total_s=st.cpu_s - resources[server.label]["startup_cpu_s"])
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    load_end = os.getloadavg()
+    rows = report.build_rows(scale, results, resources)
+    table = report.format_table(rows)
+    errors = sum(r.errors for per in results.values() for r in per.values())
+    record: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "database": engine,
+        "host": {"cpus": os.cpu_count(), "load_average_start": load_start,
+                 "load_average_end": load_end, "python": platform.python_version(),
+                 "platform": platform.platform()},
+        "versions": versions,
+        "scale": scale.__dict__,
+        "bcrypt_rounds": args.bcrypt_rounds,
+        "resources": resources,
+        "phases": {label: {k: r.as_dict() for k, r in per.items()}
+                   for label, per in results.items()},
+        "rows": rows,
+        "errors": errors,
+    }
+    report.write_json(output, record)
+    print(f"\n{engine}; ours {versions.get('ours', '?')} vs synapse "
+          f"{versions.get('synapse', 'not run')}; load average {load_start[0]:.2f} at start, "
+          f"{load_end[0]:.2f} at end, {os.cpu_count()} CPUs\n")
+    print(table)
+    print(f"\nratio > 1: ours better (rates ours/synapse, times and memory synapse/ours). "
+          f"{errors} errors. JSON: {output}")
+    if errors:
+        for label, per in results.items():
+            for r in per.values():
+                for sample in r.error_samples:
+                    print(f"  {label} {r.key}: {sample}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
