@@ -370,8 +370,9 @@ class SynapseServer(ServerProcess):
             check=True, capture_output=True, cwd=workdir,
         )
         self.version = subprocess.run(
-            [str(self.python), "-c", "import synapse; print(synapse.__version__)"],
-            capture_output=True, text=True,
+            [str(self.python), "-c",
+             "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
+            capture_output=True, text=True, cwd=workdir,
         ).stdout.strip() or "?"
 
     def command(self) -> list[str]:

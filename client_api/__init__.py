@@ -6,6 +6,7 @@ from client_api.admin import register_admin_resources
 from client_api.capabilities import register_capabilities_resources
 from client_api.devices import register_device_resources
 from client_api.directory import register_directory_resources
+from client_api.keys import register_keys_resources
 from client_api.login import register_login_resources
 from client_api.presence import register_presence_resources
 from client_api.profile import register_profile_resources
@@ -45,5 +46,6 @@ def register_client_resources(router, hs) -> None:  # type: ignore[no-untyped-de
     register_presence_resources(router, hs)
     register_account_data_resources(router, hs)
     register_to_device_resources(router, hs)
+    register_keys_resources(router, hs)
     register_receipt_resources(router, hs)
     register_push_rule_resources(router, hs)

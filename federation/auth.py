@@ -92,7 +92,11 @@ async def authenticate_request(hs: Any, request: Request) -> str:
             raise _unauthorized(f"No valid key {auth.key_id} of {origin} could be found")
         try:
             verify_request(
-                auth, verify_key, method=method, uri=uri, our_server_name=hs.server_name,
+                auth,
+                verify_key,
+                method=method,
+                uri=uri,
+                our_server_name=hs.server_name,
                 content=content,
             )
         except SignatureError as e:
@@ -101,9 +105,7 @@ async def authenticate_request(hs: Any, request: Request) -> str:
     return origin
 
 
-def authenticated(
-    hs: Any, handler: FederationHandler | None = None
-) -> Any:
+def authenticated(hs: Any, handler: FederationHandler | None = None) -> Any:
     """Wrap ``handler(request, origin, **params)`` as a route handler that only
     runs for correctly signed requests. Usable as ``authenticated(hs, handler)``
     or as the decorator ``@authenticated(hs)``."""

@@ -69,8 +69,9 @@ def register_key_resources(router: Any, hs: Any) -> None:
             if not isinstance(keys, dict) or len(keys) > MAX_KEYS_PER_SERVER:
                 raise MatrixError("M_BAD_JSON", f"bad key criteria for {server_name[:255]}")
             criteria = {
-                key_id: _minimum(c.get("minimum_valid_until_ts") if isinstance(c, dict) else None,
-                                 now)
+                key_id: _minimum(
+                    c.get("minimum_valid_until_ts") if isinstance(c, dict) else None, now
+                )
                 for key_id, c in keys.items()
                 if isinstance(key_id, str)
             }

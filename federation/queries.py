@@ -42,11 +42,13 @@ def register_query_resources(router: Any, hs: Any) -> None:
 
     def check_allowed() -> None:
         if not hs.config["allow_public_rooms_over_federation"]:
-            raise MatrixError("M_FORBIDDEN", "This server does not publish its room directory "
-                                             "over federation")
+            raise MatrixError(
+                "M_FORBIDDEN", "This server does not publish its room directory over federation"
+            )
 
-    async def rooms(limit: Any, since: Any, filter: Any, include_all: Any,
-                    network: Any) -> dict[str, Any]:
+    async def rooms(
+        limit: Any, since: Any, filter: Any, include_all: Any, network: Any
+    ) -> dict[str, Any]:
         if limit is not None and (type(limit) is not int or limit < 0):
             raise MatrixError("M_INVALID_PARAM", "limit must be a non-negative integer")
         if since is not None and not isinstance(since, str):
@@ -57,14 +59,18 @@ def register_query_resources(router: Any, hs: Any) -> None:
             # No application service publishes rooms under a network here.
             return {"chunk": [], "total_room_count_estimate": 0}
         # "limit: Defaults to 0 (no limit)"
-        return await hs.directory.public_rooms(limit or None, since or None, filter,
-                                               bool(include_all))
+        return await hs.directory.public_rooms(
+            limit or None, since or None, filter, bool(include_all)
+        )
 
     async def get_public_rooms(request: Request, origin: str) -> tuple[int, Any]:
         check_allowed()
         include_all = (query_arg(request, "include_all_networks") or "false").lower() == "true"
         return 200, await rooms(
-            query_int(request, "limit"), query_arg(request, "since"), None, include_all,
+            query_int(request, "limit"),
+            query_arg(request, "since"),
+            None,
+            include_all,
             query_arg(request, "third_party_instance_id"),
         )
 
@@ -72,8 +78,11 @@ def register_query_resources(router: Any, hs: Any) -> None:
         check_allowed()
         body = parse_json_object(request)
         return 200, await rooms(
-            body.get("limit"), body.get("since"), body.get("filter"),
-            body.get("include_all_networks", False), body.get("third_party_instance_id"),
+            body.get("limit"),
+            body.get("since"),
+            body.get("filter"),
+            body.get("include_all_networks", False),
+            body.get("third_party_instance_id"),
         )
 
     r = router.register

@@ -51,6 +51,7 @@ ERRCODES: dict[str, int] = {
     "M_URL_NOT_SET": 404,
     "M_DUPLICATE_ANNOTATION": 400,
     "M_BAD_ALIAS": 400,
+    "M_INVALID_SIGNATURE": 400,
 }
 
 

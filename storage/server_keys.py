@@ -49,8 +49,15 @@ class ServerKeyStore:
                 " WHERE server_name = ? AND key_id = ?",
                 (key.server_name, key.key_id),
             ).fetchone()
-            values = (key.verify_key, key.valid_until_ts, key.expired_ts, key.fetched_from,
-                      key.key_json, key.server_name, key.key_id)
+            values = (
+                key.verify_key,
+                key.valid_until_ts,
+                key.expired_ts,
+                key.fetched_from,
+                key.key_json,
+                key.server_name,
+                key.key_id,
+            )
             if row is None:
                 txn.execute(
                     "INSERT INTO remote_server_keys (verify_key, valid_until_ts, expired_ts,"

@@ -300,11 +300,14 @@ class ServerDiscovery:
         ):
             self._remember(
                 hostname,
-                _CachedWellKnown(now + WELL_KNOWN_FAILURE_TTL_MS, previous.delegated,
-                                 previous.fetched_ms, True),
+                _CachedWellKnown(
+                    now + WELL_KNOWN_FAILURE_TTL_MS, previous.delegated, previous.fetched_ms, True
+                ),
             )
             return previous.delegated
-        self._remember(hostname, _CachedWellKnown(now + WELL_KNOWN_FAILURE_TTL_MS, None, now, False))
+        self._remember(
+            hostname, _CachedWellKnown(now + WELL_KNOWN_FAILURE_TTL_MS, None, now, False)
+        )
         return None
 
     def _remember(self, hostname: str, entry: _CachedWellKnown) -> None:

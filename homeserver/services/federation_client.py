@@ -106,10 +106,18 @@ class FederationError(Exception):
 
     def to_matrix_error(self) -> MatrixError:
         """What to answer a client whose request needed this remote call."""
-        if self.status is not None and self.errcode in ERRCODES and 400 <= self.status < 500:
+        # The remote's 4xx answers pass through, except 401: a client would
+        # take that for its own access token failing.
+        if (
+            self.status is not None
+            and self.errcode in ERRCODES
+            and 400 <= self.status < 500
+            and self.status != 401
+        ):
             error = self.body.get("error") if isinstance(self.body, dict) else None
-            return MatrixError(self.errcode, error if isinstance(error, str) else self.message,
-                               self.status)
+            return MatrixError(
+                self.errcode, error if isinstance(error, str) else self.message, self.status
+            )
         return MatrixError("M_UNKNOWN", f"Failed to reach {self.destination}: {self.message}", 502)
 
 
@@ -285,9 +293,7 @@ class TlsPolicy:
         self.verify = verify
         self._trust_root = trust_root
         self._creators: OrderedDict[str, Any] = OrderedDict()
-        self._insecure = ssl.CertificateOptions(
-            verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2
-        )
+        self._insecure = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
     def creator_for(self, name: str) -> Any:
         creator = self._creators.get(name)
@@ -356,7 +362,9 @@ class Connector:
             raise DestinationBlockedError(
                 destination, f"every address is forbidden by the IP range blocklist: {blocked}"
             )
-        raise RequestFailedError(destination, "cannot resolve: " + "; ".join(errors or ["no address"]))
+        raise RequestFailedError(
+            destination, "cannot resolve: " + "; ".join(errors or ["no address"])
+        )
 
     async def connect(
         self, destination: str, targets: Sequence[tuple[str, int]], tls_name: str, factory: Any
@@ -452,8 +460,10 @@ def _json_error(body: Any) -> tuple[str | None, str | None]:
     if isinstance(body, dict):
         errcode = body.get("errcode")
         error = body.get("error")
-        return (errcode if isinstance(errcode, str) else None,
-                error if isinstance(error, str) else None)
+        return (
+            errcode if isinstance(errcode, str) else None,
+            error if isinstance(error, str) else None,
+        )
     return None, None
 
 
@@ -523,7 +533,9 @@ class FederationClient:
         self._now_ms = now_ms or (lambda: int(reactor.seconds() * 1000))
         self.resolver = resolver or SystemResolver(reactor)
         self.connector = Connector(
-            reactor, self.resolver, ip_filter or IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST),
+            reactor,
+            self.resolver,
+            ip_filter or IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST),
             tls or TlsPolicy(),
         )
         self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -543,7 +555,11 @@ class FederationClient:
 
     @classmethod
     def from_config(
-        cls, config: Any, reactor: Any, server_name: str, signing_key: ServerSigningKey,
+        cls,
+        config: Any,
+        reactor: Any,
+        server_name: str,
+        signing_key: ServerSigningKey,
         now_ms: Callable[[], int] | None = None,
     ) -> "FederationClient":
         """The client as the configuration says (addresses, TLS, back-off, timeout)."""
@@ -552,13 +568,17 @@ class FederationClient:
         backoff = Backoff(
             clock,
             min_interval_ms=parse_duration_ms(
-                federation.get("destination_min_retry_interval", "10m")),
+                federation.get("destination_min_retry_interval", "10m")
+            ),
             multiplier=float(federation.get("destination_retry_multiplier", 2)),
             max_interval_ms=parse_duration_ms(
-                federation.get("destination_max_retry_interval", "7d")),
+                federation.get("destination_max_retry_interval", "7d")
+            ),
         )
         return cls(
-            reactor, server_name, signing_key,
+            reactor,
+            server_name,
+            signing_key,
             ip_filter=IpRangeFilter.from_config(config),
             tls=TlsPolicy(verify=bool(config.get("federation_verify_certificates", True))),
             backoff=backoff,
@@ -575,23 +595,33 @@ class FederationClient:
 
     # --- requests ----------------------------------------------------------------
     async def get_json(
-        self, destination: str, path: str, query: Mapping[str, QueryValue] | None = None,
+        self,
+        destination: str,
+        path: str,
+        query: Mapping[str, QueryValue] | None = None,
         **kwargs: Any,
     ) -> Any:
         return await self.request("GET", destination, path, query=query, **kwargs)
 
     async def put_json(
-        self, destination: str, path: str, content: Any,
-        query: Mapping[str, QueryValue] | None = None, **kwargs: Any,
+        self,
+        destination: str,
+        path: str,
+        content: Any,
+        query: Mapping[str, QueryValue] | None = None,
+        **kwargs: Any,
     ) -> Any:
         return await self.request("PUT", destination, path, query=query, content=content, **kwargs)
 
     async def post_json(
-        self, destination: str, path: str, content: Any,
-        query: Mapping[str, QueryValue] | None = None, **kwargs: Any,
+        self,
+        destination: str,
+        path: str,
+        content: Any,
+        query: Mapping[str, QueryValue] | None = None,
+        **kwargs: Any,
     ) -> Any:
-        return await self.request("POST", destination, path, query=query, content=content,
-                                  **kwargs)
+        return await self.request("POST", destination, path, query=query, content=content, **kwargs)
 
     async def request(
         self,
@@ -628,7 +658,8 @@ class FederationClient:
 
         try:
             status, body = await _with_timeout(
-                self._reactor, timeout if timeout is not None else self.timeout,
+                self._reactor,
+                timeout if timeout is not None else self.timeout,
                 self._send(method, destination, uri, content, max_response_size),
             )
         except defer.TimeoutError as e:
@@ -649,14 +680,17 @@ class FederationClient:
             self.backoff.record_success(destination)
         if 200 <= status < 300:
             if body is _NOT_JSON:
-                raise RequestFailedError(destination, f"{method} {path}: response is not JSON",
-                                         status=status)
+                raise RequestFailedError(
+                    destination, f"{method} {path}: response is not JSON", status=status
+                )
             return body
         errcode, error = _json_error(body)
         raise HttpResponseError(
             destination,
             f"{method} {path}: HTTP {status}" + (f" {errcode}: {error}" if errcode else ""),
-            status=status, errcode=errcode, body=None if body is _NOT_JSON else body,
+            status=status,
+            errcode=errcode,
+            body=None if body is _NOT_JSON else body,
         )
 
     async def _send(
@@ -672,13 +706,17 @@ class FederationClient:
         if len(self._addresses) > 10_000:
             self._addresses.pop(next(iter(self._addresses)))
 
-        headers = Headers({
-            b"Host": [address.host_header.encode("ascii")],
-            b"User-Agent": [USER_AGENT],
-            b"Authorization": [sign_request(
-                self.signing_key, self.server_name, destination, method, uri, content
-            ).encode("utf-8")],
-        })
+        headers = Headers(
+            {
+                b"Host": [address.host_header.encode("ascii")],
+                b"User-Agent": [USER_AGENT],
+                b"Authorization": [
+                    sign_request(
+                        self.signing_key, self.server_name, destination, method, uri, content
+                    ).encode("utf-8")
+                ],
+            }
+        )
         producer = None
         if content is not None:
             data = encode_canonical_json(content)
@@ -686,15 +724,20 @@ class FederationClient:
             producer = FileBodyProducer(io.BytesIO(data))
         elif method in ("PUT", "POST"):
             producer = FileBodyProducer(io.BytesIO(b""))
-        url = (_FEDERATION_SCHEME + b"://" + destination.encode("utf-8").hex().encode("ascii")
-               + uri.encode("ascii"))
+        url = (
+            _FEDERATION_SCHEME
+            + b"://"
+            + destination.encode("utf-8").hex().encode("ascii")
+            + uri.encode("ascii")
+        )
         logger.debug("--> %s %s %s", destination, method, uri)
         response = await self._agent.request(method.encode("ascii"), url, headers, producer)
         try:
             raw = await _read_body(response, limit)
         except _TooLarge as e:
-            raise RequestFailedError(destination, f"response larger than {limit} bytes",
-                                     status=response.code) from e
+            raise RequestFailedError(
+                destination, f"response larger than {limit} bytes", status=response.code
+            ) from e
         logger.debug("<-- %s %s %s: %d", destination, method, uri, response.code)
         try:
             return response.code, json.loads(raw)
@@ -714,8 +757,9 @@ class FederationClient:
         url = f"https://{hostname}/.well-known/matrix/server"
         seen = {url}
         for _ in range(WELL_KNOWN_MAX_REDIRECTS + 1):
-            response = await client.get(url, allow_redirects=False, unbuffered=True,
-                                        headers={b"User-Agent": [USER_AGENT]})
+            response = await client.get(
+                url, allow_redirects=False, unbuffered=True, headers={b"User-Agent": [USER_AGENT]}
+            )
             location = response.headers.getRawHeaders(b"location")
             if response.code in (301, 302, 303, 307, 308) and location:
                 await _read_body(response, 64 * 1024)

@@ -87,8 +87,11 @@ def parse_key_document(
         raise KeyFetchError("verify_keys / old_verify_keys are not objects")
 
     # Only the origin's signatures are kept: a notary's are checked by the caller.
-    own_sigs = doc.get("signatures", {}).get(server_name) if isinstance(
-        doc.get("signatures"), dict) else None
+    own_sigs = (
+        doc.get("signatures", {}).get(server_name)
+        if isinstance(doc.get("signatures"), dict)
+        else None
+    )
     stored = {**doc, "signatures": {server_name: own_sigs if isinstance(own_sigs, dict) else {}}}
     try:
         key_json = encode_canonical_json(stored).decode("utf-8")
@@ -193,16 +196,23 @@ class Keyring:
             return {}
         if server_name == self.server_name:
             own = self._own_entries()
-            return {k: own[k].verify_key for k in key_ids
-                    if k in own and own[k].valid_at(minimum_valid_until_ts)}
+            return {
+                k: own[k].verify_key
+                for k in key_ids
+                if k in own and own[k].valid_at(minimum_valid_until_ts)
+            }
         known = await self._known(server_name)
-        missing = [k for k in key_ids
-                   if k not in known or not known[k].valid_at(minimum_valid_until_ts)]
+        missing = [
+            k for k in key_ids if k not in known or not known[k].valid_at(minimum_valid_until_ts)
+        ]
         if missing:
             await self._refresh(server_name, missing, minimum_valid_until_ts)
             known = self._keys.get(server_name, {})
-        return {k: known[k].verify_key for k in key_ids
-                if k in known and known[k].valid_at(minimum_valid_until_ts)}
+        return {
+            k: known[k].verify_key
+            for k in key_ids
+            if k in known and known[k].valid_at(minimum_valid_until_ts)
+        }
 
     async def get_key_entries(self, server_name: str) -> dict[str, KeyEntry]:
         """Everything known (cached or stored) about ``server_name``'s keys, no fetching."""
@@ -217,10 +227,16 @@ class Keyring:
             for key_id, v in doc["verify_keys"].items()
         }
         for key_id, v in doc.get("old_verify_keys", {}).items():
-            entries.setdefault(key_id, KeyEntry(
-                decode_verify_key(v["key"]), v["expired_ts"], v["expired_ts"], None,
-                self.server_name,
-            ))
+            entries.setdefault(
+                key_id,
+                KeyEntry(
+                    decode_verify_key(v["key"]),
+                    v["expired_ts"],
+                    v["expired_ts"],
+                    None,
+                    self.server_name,
+                ),
+            )
         return entries
 
     async def _known(self, server_name: str) -> dict[str, KeyEntry]:
@@ -237,8 +253,11 @@ class Keyring:
         for row in await self._store.get_server_keys(server_name):
             try:
                 entries[row.key_id] = KeyEntry(
-                    decode_verify_key(row.verify_key), row.valid_until_ts, row.expired_ts,
-                    row.key_json, row.fetched_from,
+                    decode_verify_key(row.verify_key),
+                    row.valid_until_ts,
+                    row.expired_ts,
+                    row.key_json,
+                    row.fetched_from,
                 )
             except (Base64Error, ValueError):
                 logger.warning("stored key %s of %s is unreadable", row.key_id, server_name)
@@ -258,13 +277,20 @@ class Keyring:
         changed = {k: e for k, e in entries.items() if _merge_rule(e, known.get(k))}
         known.update(changed)
         if self._store is not None and changed:
-            await self._store.store_server_keys([
-                StoredServerKey(
-                    server_name, key_id, encode_base64(bytes(e.verify_key)),
-                    e.valid_until_ts, e.expired_ts, e.fetched_from, e.key_json or "{}",
-                )
-                for key_id, e in changed.items()
-            ])
+            await self._store.store_server_keys(
+                [
+                    StoredServerKey(
+                        server_name,
+                        key_id,
+                        encode_base64(bytes(e.verify_key)),
+                        e.valid_until_ts,
+                        e.expired_ts,
+                        e.fetched_from,
+                        e.key_json or "{}",
+                    )
+                    for key_id, e in changed.items()
+                ]
+            )
 
     # --- fetching -------------------------------------------------------------------
     async def _refresh(self, server_name: str, key_ids: list[str], minimum: int) -> None:
@@ -281,12 +307,20 @@ class Keyring:
         known = self._keys.get(server_name, {})
         return all(k in known and known[k].valid_at(minimum) for k in key_ids)
 
-    async def _fetch_everywhere(self, server_name: str, key_ids: list[str], minimum: int) -> None:
+    def _mark_fetch(self, server_name: str) -> None:
+        self._last_fetch.pop(server_name, None)
         self._last_fetch[server_name] = self._now_ms()
+        while len(self._last_fetch) > _SERVER_CACHE_SIZE:
+            self._last_fetch.pop(next(iter(self._last_fetch)))
+
+    async def _fetch_everywhere(self, server_name: str, key_ids: list[str], minimum: int) -> None:
+        self._mark_fetch(server_name)
         try:
             await self.fetch_direct(server_name)
         except KeyFetchError as e:
             logger.info("fetching keys of %s directly failed: %s", server_name, e)
+        except Exception:
+            logger.exception("fetching keys of %s directly failed", server_name)
         if self._satisfied(server_name, key_ids, minimum):
             return
         for notary, _ in self._notaries:
@@ -296,6 +330,9 @@ class Keyring:
                 await self.fetch_from_notary(notary, server_name, key_ids, minimum)
             except KeyFetchError as e:
                 logger.info("fetching keys of %s through %s failed: %s", server_name, notary, e)
+                continue
+            except Exception:
+                logger.exception("fetching keys of %s through %s failed", server_name, notary)
                 continue
             if self._satisfied(server_name, key_ids, minimum):
                 return
@@ -316,11 +353,13 @@ class Keyring:
         self, notary: str, server_name: str, key_ids: list[str], minimum: int
     ) -> None:
         """POST /_matrix/key/v2/query to ``notary``; check and store what it returns."""
-        criteria = {k: {"minimum_valid_until_ts": minimum} for k in key_ids} if minimum else {
-            k: {} for k in key_ids}
+        # Synapse (1.163) refuses criteria without minimum_valid_until_ts.
+        criteria = {k: {"minimum_valid_until_ts": minimum} for k in key_ids}
         try:
             response = await self._client.post_json(
-                notary, "/_matrix/key/v2/query", {"server_keys": {server_name: criteria}},
+                notary,
+                "/_matrix/key/v2/query",
+                {"server_keys": {server_name: criteria}},
                 ignore_backoff=True,
             )
         except FederationError as e:
@@ -358,8 +397,9 @@ class Keyring:
             except KeyFetchError as e:
                 raise KeyFetchError(f"cannot get the keys of notary {notary}: {e}") from e
             known = self._keys.get(notary, {})
-        return {k: e.verify_key for k, e in known.items()
-                if e.expired_ts is None and e.valid_at(now)}
+        return {
+            k: e.verify_key for k, e in known.items() if e.expired_ts is None and e.valid_at(now)
+        }
 
     # --- serving as a notary --------------------------------------------------------------
     async def key_documents_for_notary(
@@ -376,20 +416,26 @@ class Keyring:
         known = await self._known(server_name)
         wanted = criteria or {}
         if wanted:
-            fresh = all(k in known and known[k].valid_at(m or minimum_valid_until_ts)
-                        for k, m in wanted.items())
+            fresh = all(
+                k in known and known[k].valid_at(m or minimum_valid_until_ts)
+                for k, m in wanted.items()
+            )
         else:
-            fresh = any(e.expired_ts is None and e.valid_at(minimum_valid_until_ts)
-                        for e in known.values())
+            fresh = any(
+                e.expired_ts is None and e.valid_at(minimum_valid_until_ts) for e in known.values()
+            )
         last = self._last_fetch.get(server_name)
         recent = last is not None and self._now_ms() - last < self._min_refetch_ms
         if not fresh and (not recent or self._fetching.busy(server_name)):
+
             async def fetch() -> None:
-                self._last_fetch[server_name] = self._now_ms()
+                self._mark_fetch(server_name)
                 try:
                     await self.fetch_direct(server_name)
                 except KeyFetchError as e:
                     logger.info("notary: fetching keys of %s failed: %s", server_name, e)
+                except Exception:
+                    logger.exception("notary: fetching keys of %s failed", server_name)
 
             await self._fetching.run(server_name, fetch)
             known = self._keys.get(server_name, {})
@@ -414,13 +460,17 @@ class Keyring:
         """Raise SignatureError unless ``obj`` is validly signed by ``server_name``
         with a key valid until ``minimum_valid_until_ts`` (fetched as needed)."""
         sigs = obj.get("signatures") if isinstance(obj, dict) else None
-        key_ids = list(sigs.get(server_name, {})) if isinstance(sigs, dict) and isinstance(
-            sigs.get(server_name), dict) else []
+        key_ids = (
+            list(sigs.get(server_name, {}))
+            if isinstance(sigs, dict) and isinstance(sigs.get(server_name), dict)
+            else []
+        )
         keys = await self.get_verify_keys(server_name, key_ids, minimum_valid_until_ts)
         check_signed_json(obj, server_name, lambda s, k: keys.get(k) if s == server_name else None)
 
-    async def _keys_for_pdu(self, data: dict[str, Any], room_version: RoomVersion,
-                            minimum: int) -> Callable[[str, str], VerifyKey | None]:
+    async def _keys_for_pdu(
+        self, data: dict[str, Any], room_version: RoomVersion, minimum: int
+    ) -> Callable[[str, str], VerifyKey | None]:
         servers = required_signers(data, room_version)
         sigs = data.get("signatures")
         found: dict[tuple[str, str], VerifyKey] = {}
@@ -437,9 +487,7 @@ class Keyring:
         lookup = await self._keys_for_pdu(pdu.data, pdu.room_version, key_validity_ts(pdu))
         verify_pdu_signatures(pdu, lookup)
 
-    async def verify_received_pdu(
-        self, data: Any, room_version: RoomVersion
-    ) -> tuple[Pdu, bool]:
+    async def verify_received_pdu(self, data: Any, room_version: RoomVersion) -> tuple[Pdu, bool]:
         """``homeserver.core.signatures.verify_received_pdu`` (format, signatures,
         hash: receipt checks 1-3) with the keys fetched first."""
         minimum = 0

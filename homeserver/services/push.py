@@ -29,6 +29,7 @@ from homeserver.services.push_rules import (
     CompiledRuleSet,
     EvalContext,
     check_actions,
+    compile_default_ruleset,
     compile_ruleset,
     ordered_ruleset,
 )
@@ -38,6 +39,8 @@ from storage.push import DefaultRuleChange, PushActionRow, PushStore, ReadMark, 
 logger = logging.getLogger(__name__)
 
 MAX_COMPILED = 100_000
+FLUSH_DELAY_S = 0.2
+MAX_PENDING_ROWS = 5000
 PUSH_RULES_TYPE = "m.push_rules"
 NOTIFICATIONS_LIMIT = 50
 MAX_NOTIFICATIONS_LIMIT = 1000
@@ -116,7 +119,10 @@ class PushService:
         self._inflight_rows: list[PushActionRow] = []
         self._inflight_marks: list[ReadMark] = []
         self._flushing = False
+        self._flush_timer: Any = None
+        self._shutting_down = False
         self._flush_waiters: list[defer.Deferred[None]] = []
+        hs.reactor.addSystemEventTrigger("before", "shutdown", self._before_shutdown)
         # room -> (the RoomState it was computed from, joined local users, joined count)
         self._members: dict[str, tuple[Any, list[str], int]] = {}
 
@@ -135,6 +141,8 @@ class PushService:
         return {"global": self.ruleset(user_id)}
 
     def compiled(self, user_id: str) -> CompiledRuleSet:
+        if user_id not in self._user_rules and user_id not in self._default_changes:
+            return compile_default_ruleset(user_id)  # shared by everyone who changed nothing
         rules = self._compiled.get(user_id)
         if rules is None:
             if len(self._compiled) >= MAX_COMPILED:
@@ -378,35 +386,58 @@ class PushService:
             if state is not None:
                 state.mark(mark.room_id, mark.thread_id, mark.stream_ordering)
 
-    def on_receipt(self, user_id: str, room_id: str) -> None:
-        """A receipt of the user's committed: counts are recomputed on the next read."""
-
     # --- writing notifications ------------------------------------------------------------
+    # Rows are written FLUSH_DELAY_S after the first one is queued (or at once with many
+    # queued, or once shutdown began), so back-to-back sends are not slowed by one extra
+    # write transaction each: the writer sees one push transaction per delay.
     def _schedule_flush(self) -> None:
+        if self._flushing or not (self._pending_rows or self._pending_marks):
+            return
+        if self._shutting_down or len(self._pending_rows) >= MAX_PENDING_ROWS:
+            self._start_flush()
+        elif self._flush_timer is None:
+            self._flush_timer = self.hs.clock.call_later(FLUSH_DELAY_S, self._start_flush)
+
+    def _start_flush(self) -> None:
+        timer, self._flush_timer = self._flush_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if not self._flushing and (self._pending_rows or self._pending_marks):
             self._flushing = True
             defer.ensureDeferred(self._flush())
 
+    def _before_shutdown(self) -> None:
+        """From now on write at once, so what requests in flight compute is not lost
+        (the database closes only after their transactions)."""
+        self._shutting_down = True
+        self._start_flush()
+
     async def _flush(self) -> None:
         try:
-            while self._pending_rows or self._pending_marks:
-                self._inflight_rows, self._pending_rows = self._pending_rows, []
-                self._inflight_marks, self._pending_marks = self._pending_marks, []
-                try:
-                    await self.store.write_notifications(self._inflight_rows, self._inflight_marks)
-                except Exception:
-                    logger.exception("writing %d notifications failed", len(self._inflight_rows))
-                finally:
-                    self._inflight_rows, self._inflight_marks = [], []
+            self._inflight_rows, self._pending_rows = self._pending_rows, []
+            # Only the latest mark per user, room and thread needs writing.
+            latest: dict[tuple[str, str, str], ReadMark] = {}
+            for mark in self._pending_marks:
+                key = (mark.user_id, mark.room_id, mark.thread_id)
+                if key not in latest or latest[key].stream_ordering < mark.stream_ordering:
+                    latest[key] = mark
+            self._inflight_marks, self._pending_marks = list(latest.values()), []
+            try:
+                await self.store.write_notifications(self._inflight_rows, self._inflight_marks)
+            except Exception:
+                logger.exception("writing %d notifications failed", len(self._inflight_rows))
         finally:
+            self._inflight_rows, self._inflight_marks = [], []
             self._flushing = False
             waiters, self._flush_waiters = self._flush_waiters, []
             for d in waiters:
                 d.callback(None)
+            self._schedule_flush()
 
     async def flushed(self) -> None:
         """Return once every notification computed so far is in the database."""
-        if self._flushing:
+        while self._flushing or self._pending_rows or self._pending_marks:
+            self._start_flush()
             d: defer.Deferred[None] = defer.Deferred()
             self._flush_waiters.append(d)
             await d

@@ -276,7 +276,7 @@ class EvalContext:
     sender_power: int = 0  # the sender's power level
     notification_levels: Mapping[str, Any] = attrs.Factory(dict)  # power_levels.notifications
     display_names: Mapping[str, str] = attrs.Factory(dict)  # user -> display name in the room
-    memo: dict[Any, bool] = attrs.Factory(dict)
+    memo: dict[Any, Any] = attrs.Factory(dict)  # per-condition results for this event
 
 
 # --- conditions ----------------------------------------------------------------------------------
@@ -307,10 +307,12 @@ class EventMatch(Condition):
     def __init__(self, key: str, pattern: str) -> None:
         self.path = split_path(key)
         self.word_boundary = key == "content.body"
-        self.regex = glob_to_regex(pattern, self.word_boundary)
-        # A pattern without wildcards on a plain key is an exact, case-insensitive compare.
+        self.pattern = pattern
+        self._regex: re.Pattern[str] | None = None  # compiled on first use
+        # A pattern without wildcards on a plain key is an exact, case-insensitive compare
+        # (no regex to compile: most conditions, and the per-user ones, are like that).
         self.literal = (
-            None if ("*" in pattern or "?" in pattern or self.word_boundary) else pattern.casefold()
+            None if ("*" in pattern or "?" in pattern or self.word_boundary) else pattern.lower()
         )
 
     def check(self, ctx: EvalContext, user_id: str) -> bool:
@@ -318,10 +320,12 @@ class EventMatch(Condition):
         if not isinstance(value, str):
             return False
         if self.literal is not None:
-            return value.casefold() == self.literal
-        if self.word_boundary:
-            return self.regex.search(value) is not None
-        return self.regex.match(value) is not None
+            return value.lower() == self.literal
+        regex = self._regex
+        if regex is None:
+            regex = self._regex = glob_to_regex(self.pattern, self.word_boundary)
+        found = regex.search(value) if self.word_boundary else regex.match(value)
+        return found is not None
 
 
 class PropertyIs(Condition):
@@ -419,7 +423,7 @@ class SameString(Condition):
 
 # Interned compiled conditions, by their canonical JSON: rules of different users
 # share a condition object, so an event checks it once for all of them.
-_interned: dict[str, Condition] = {}
+_interned: dict[Any, Condition] = {}
 MAX_INTERNED = 100_000
 
 
@@ -450,17 +454,26 @@ def _compile_condition_uncached(cond: Any) -> Condition:
     return Never()
 
 
-def compile_condition(cond: Any) -> Condition:
+def _intern_key(cond: Any) -> Any:
+    """A hashable key equal for equal conditions (True and 1 stay apart)."""
+    if isinstance(cond, dict) and all(_is_scalar(v) for v in cond.values()):
+        return tuple(sorted((k, type(v).__name__, v) for k, v in cond.items()))
     try:
-        text = json.dumps(cond, sort_keys=True)
+        return json.dumps(cond, sort_keys=True)
     except (TypeError, ValueError):
+        return None
+
+
+def compile_condition(cond: Any) -> Condition:
+    key = _intern_key(cond)
+    if key is None:
         return Never()
-    compiled = _interned.get(text)
+    compiled = _interned.get(key)
     if compiled is None:
         compiled = _compile_condition_uncached(cond)
         if len(_interned) >= MAX_INTERNED:
             _interned.clear()
-        _interned[text] = compiled
+        _interned[key] = compiled
     return compiled
 
 
@@ -569,3 +582,52 @@ def compile_ruleset(ruleset: Mapping[str, list[Mapping[str, Any]]]) -> CompiledR
             if rule.get("enabled", True):
                 compiled.append(compile_rule(kind, rule))
     return CompiledRuleSet(tuple(compiled))
+
+
+# Server-default rules that name their user. For users who changed nothing they are
+# compiled once with conditions that read the user from the evaluation, so every such
+# user shares one compiled rule set.
+USER_SPECIFIC_DEFAULTS = frozenset({".m.rule.invite_for_me", ".m.rule.is_user_mention"})
+_PLACEHOLDER = "@\x00:\x00"
+_MENTIONS_PATH = split_path("content.m\\.mentions.user_ids")
+
+
+class StateKeyIsUser(Condition):
+    """``event_match`` of ``state_key`` against the user's own id (case-insensitive)."""
+
+    user_dependent = True
+
+    def matches(self, ctx: EvalContext, user_id: str) -> bool:
+        state_key = ctx.event.get("state_key")
+        return isinstance(state_key, str) and state_key.lower() == user_id.lower()
+
+
+class MentionsUser(Condition):
+    """``event_property_contains`` of the user's id in ``content.m.mentions.user_ids``."""
+
+    user_dependent = True
+
+    def matches(self, ctx: EvalContext, user_id: str) -> bool:
+        mentioned = ctx.memo.get(self)
+        if mentioned is None:
+            found = resolve_path(ctx.event, _MENTIONS_PATH)
+            ids = found if isinstance(found, list) else ()
+            mentioned = ctx.memo[self] = frozenset(v for v in ids if isinstance(v, str))
+        return user_id in mentioned
+
+
+@functools.cache
+def _shared_default_ruleset() -> CompiledRuleSet:
+    rules = []
+    for rule in compile_ruleset(ordered_ruleset(_PLACEHOLDER, {}, {})).rules:
+        if rule.rule_id == ".m.rule.invite_for_me":
+            rule = attrs.evolve(rule, conditions=rule.conditions[:2] + (StateKeyIsUser(),))
+        elif rule.rule_id == ".m.rule.is_user_mention":
+            rule = attrs.evolve(rule, conditions=(MentionsUser(),))
+        rules.append(rule)
+    return CompiledRuleSet(tuple(rules))
+
+
+def compile_default_ruleset(user_id: str) -> CompiledRuleSet:
+    """The compiled rule set of a user who changed nothing (the same for everyone)."""
+    return _shared_default_ruleset()

@@ -400,10 +400,7 @@ class ReceiptsService:
                 rooms.add(queued.room_id)
             users.add(queued.receipt.user_id)
         self.position = accepted[-1].receipt.stream_id
-        push = getattr(self.hs, "push", None)
-        if push is not None:
-            for queued in accepted:
-                push.on_receipt(queued.receipt.user_id, queued.room_id)
+        # Unread counts read the receipts from memory: the wake-up sees the new ones.
         self.hs.notifier.wake(room_ids=rooms, user_ids=users)
         for queued in accepted:
             queued.done.callback(None)

@@ -16,7 +16,9 @@ from homeserver.services.accounts import AccountService
 from homeserver.services.auth import Auth
 from homeserver.services.client_events import ClientEventSerializer
 from homeserver.services.clock import Clock
+from homeserver.services.device_lists import DeviceListsService
 from homeserver.services.directory import DirectoryService
+from homeserver.services.e2e_keys import E2eKeysService
 from homeserver.services.events import EventCache, EventsService
 from homeserver.services.federation_client import FederationClient
 from homeserver.services.filters import FilterService
@@ -118,6 +120,10 @@ class HomeServer:
         # Receipts, push rules and unread counts (push evaluates each committed batch)
         self.receipts = ReceiptsService(self)
         self.push = PushService(self)
+        # End-to-end encryption keys and the device-list stream /sync follows (device
+        # lists record joins and leaves from each committed batch; keys hook device deletion)
+        self.device_lists = DeviceListsService(self)
+        self.e2e_keys = E2eKeysService(self)
         # The media repository (uploads, downloads, thumbnails, previews)
         self.media = MediaService(self)
 

@@ -121,9 +121,14 @@ class SyncService:
         if reached is not None:
             result["next_batch"] = str(now.copy_with(to_device=reached))
         result.update(extras)
-        empty = not rooms and not any(
+        empty = not rooms and "device_lists" not in extras and not any(
             (v.get("events") if isinstance(v, dict) else v) for v in extras.values()
         )
+        # End-to-end keys: the device's one-time key counts and unused fallback key
+        # algorithms, in every response (they never make a sync non-empty).
+        e2e_keys = getattr(hs, "e2e_keys", None)
+        if e2e_keys is not None and req.device_id is not None:
+            result.update(await e2e_keys.sync_fields(req.user_id, req.device_id))
         return result, empty
 
     # --- rooms ----------------------------------------------------------------------------

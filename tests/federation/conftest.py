@@ -6,7 +6,9 @@ only place that says why a test failed.
 
 import pytest
 
-from tests.support.synapse import running_logs
+from tests.support.synapse import federating_server, running_logs, synapse_server
+
+__all__ = ["federating_server", "synapse_server"]
 
 
 @pytest.hookimpl(hookwrapper=True)

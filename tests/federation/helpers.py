@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.protocols.policies import WrappingFactory
 from twisted.internet.error import DNSLookupError
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Site
 
 from homeserver.app.listeners import tls_context_factory

@@ -49,8 +49,12 @@ class AddressPolicyTests(SynchronousTestCase):
             return WellKnownResponse(404, b"")
 
         client = FederationClient(
-            self.reactor, ORIGIN, KEY, ip_filter=IpRangeFilter.from_config(config),
-            resolver=self.dns, now_ms=lambda: 0,
+            self.reactor,
+            ORIGIN,
+            KEY,
+            ip_filter=IpRangeFilter.from_config(config),
+            resolver=self.dns,
+            now_ms=lambda: 0,
         )
         client.discovery._fetch_well_known = no_well_known
         return client
@@ -68,15 +72,25 @@ class AddressPolicyTests(SynchronousTestCase):
 
     def test_default_config_refuses_private_and_loopback_literals(self):
         client = self.make()
-        for destination in ["10.0.0.1", "10.0.0.1:8448", "127.0.0.1:8448", "192.168.1.1:443",
-                            "[::1]:8448", "[::ffff:10.0.0.1]:8448", "[::ffff:127.0.0.1]",
-                            "[fe80::1]", "0.0.0.0:8448", "169.254.169.254"]:
+        for destination in [
+            "10.0.0.1",
+            "10.0.0.1:8448",
+            "127.0.0.1:8448",
+            "192.168.1.1:443",
+            "[::1]:8448",
+            "[::ffff:10.0.0.1]:8448",
+            "[::ffff:127.0.0.1]",
+            "[fe80::1]",
+            "0.0.0.0:8448",
+            "169.254.169.254",
+        ]:
             self.assertRefusedWithoutConnecting(client, destination)
         self.assertEqual(self.dns.queries, [])
 
     def test_default_config_refuses_names_resolving_to_forbidden_addresses(self):
-        client = self.make({"evil.example": ["10.0.0.1", "127.0.0.1"],
-                            "sneaky.example": ["::ffff:127.0.0.1"]})
+        client = self.make(
+            {"evil.example": ["10.0.0.1", "127.0.0.1"], "sneaky.example": ["::ffff:127.0.0.1"]}
+        )
         self.assertRefusedWithoutConnecting(client, "evil.example:8448")
         self.assertRefusedWithoutConnecting(client, "sneaky.example:8448")
         # Without a port, discovery runs (the .well-known fetch is refused the
@@ -116,8 +130,18 @@ class AddressPolicyTests(SynchronousTestCase):
 
     def test_ip_range_filter(self):
         f = IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["192.168.5.0/24"])
-        for ip in ["10.1.2.3", "127.0.0.1", "::1", "::ffff:10.0.0.1", "2002:a00:1::",
-                   "::10.0.0.1", "0.0.0.0", "::", "fd00::1", "not-an-ip"]:
+        for ip in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "::1",
+            "::ffff:10.0.0.1",
+            "2002:a00:1::",
+            "::10.0.0.1",
+            "0.0.0.0",
+            "::",
+            "fd00::1",
+            "not-an-ip",
+        ]:
             self.assertTrue(f.is_blocked(ip), ip)
         for ip in ["1.2.3.4", "2606:4700::1111", "192.168.5.9", "::ffff:192.168.5.9"]:
             self.assertFalse(f.is_blocked(ip), ip)
@@ -142,8 +166,10 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(recovered, ["x"])
 
     def test_query_and_path_encoding(self):
-        self.assertEqual(encode_query({"user_id": "@a:b.c", "field": "displayname"}),
-                         "user_id=%40a%3Ab.c&field=displayname")
+        self.assertEqual(
+            encode_query({"user_id": "@a:b.c", "field": "displayname"}),
+            "user_id=%40a%3Ab.c&field=displayname",
+        )
         self.assertEqual(encode_query({"v": ["1", "2"], "b": True, "n": 5}), "v=1&v=2&b=true&n=5")
         self.assertEqual(build_path("/x/{}/{}", "!r:s", "a/b c"), "/x/%21r%3As/a%2Fb%20c")
 
@@ -162,14 +188,16 @@ class LoopbackTests(TestCase):
 
         async def echo(request, **params):
             request.content.seek(0)
-            self.seen.append({
-                "method": request.method.decode(),
-                "uri": request.uri.decode(),
-                "host": request.getHeader("host"),
-                "auth": request.getHeader("authorization"),
-                "content_type": request.getHeader("content-type"),
-                "body": request.content.read(),
-            })
+            self.seen.append(
+                {
+                    "method": request.method.decode(),
+                    "uri": request.uri.decode(),
+                    "host": request.getHeader("host"),
+                    "auth": request.getHeader("authorization"),
+                    "content_type": request.getHeader("content-type"),
+                    "body": request.content.read(),
+                }
+            )
             return 200, {"ok": True, "params": params}
 
         async def error(request, status):
@@ -195,12 +223,15 @@ class LoopbackTests(TestCase):
 
     def make_client(self, tls=None, **kw):
         return FederationClient(
-            reactor, ORIGIN, KEY,
+            reactor,
+            ORIGIN,
+            KEY,
             ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
             tls=tls or TlsPolicy(verify=False),
             resolver=FakeDns(),
             backoff=Backoff(lambda: self.now[0], min_interval_ms=1000),
-            now_ms=lambda: self.now[0], **kw,
+            now_ms=lambda: self.now[0],
+            **kw,
         )
 
     async def _teardown(self):
@@ -218,7 +249,8 @@ class LoopbackTests(TestCase):
     def test_get_is_signed_over_the_exact_target(self):
         async def go():
             body = await self.client.get_json(
-                self.server.name, build_path("/echo/{}", "a b:c"),
+                self.server.name,
+                build_path("/echo/{}", "a b:c"),
                 {"user_id": "@x:y", "x": "[1]"},
             )
             self.assertEqual(body, {"ok": True, "params": {"thing": "a b:c"}})
@@ -227,11 +259,18 @@ class LoopbackTests(TestCase):
             self.assertEqual(seen["host"], self.server.name)
             self.assertIsNone(seen["content_type"])
             auth = parse_authorization(seen["auth"])
-            self.assertEqual((auth.origin, auth.destination, auth.key_id),
-                             (ORIGIN, self.server.name, KEY.key_id))
+            self.assertEqual(
+                (auth.origin, auth.destination, auth.key_id), (ORIGIN, self.server.name, KEY.key_id)
+            )
             self.assertTrue(seen["auth"].startswith('X-Matrix origin="origin.test",destination='))
-            verify_request(auth, KEY.verify_key, method="GET", uri=seen["uri"],
-                           our_server_name=self.server.name)
+            verify_request(
+                auth,
+                KEY.verify_key,
+                method="GET",
+                uri=seen["uri"],
+                our_server_name=self.server.name,
+            )
+
         return self.run_async(go())
 
     def test_put_and_post_sign_the_json_body(self):
@@ -243,24 +282,32 @@ class LoopbackTests(TestCase):
             self.assertEqual(put["body"], '{"a":{"nested":true},"b":[1,"é"]}'.encode())
             self.assertEqual(put["content_type"], "application/json")
             for seen, sent in ((put, content), (post, {})):
-                verify_request(parse_authorization(seen["auth"]), KEY.verify_key,
-                               method=seen["method"], uri=seen["uri"],
-                               our_server_name=self.server.name, content=sent)
+                verify_request(
+                    parse_authorization(seen["auth"]),
+                    KEY.verify_key,
+                    method=seen["method"],
+                    uri=seen["uri"],
+                    our_server_name=self.server.name,
+                    content=sent,
+                )
+
         return self.run_async(go())
 
     def test_our_signatures_pass_our_inbound_check(self):
         async def go():
-            hs = FakeHomeServer(self.server.name, FakeKeyring({ORIGIN: {KEY.key_id: KEY.verify_key}}))
+            hs = FakeHomeServer(
+                self.server.name, FakeKeyring({ORIGIN: {KEY.key_id: KEY.verify_key}})
+            )
 
             async def whoami(request, origin):
                 return 200, {"origin": origin, "body": parse_json_body(request)}
 
             self.server.router.register(["GET", "PUT"], "/whoami", authenticated(hs, whoami))
-            got = await self.client.put_json(self.server.name, "/whoami", {"x": 1},
-                                             {"q": "@a:b"})
+            got = await self.client.put_json(self.server.name, "/whoami", {"x": 1}, {"q": "@a:b"})
             self.assertEqual(got, {"origin": ORIGIN, "body": {"x": 1}})
             got = await self.client.get_json(self.server.name, "/whoami")
             self.assertEqual(got["origin"], ORIGIN)
+
         return self.run_async(go())
 
     def test_error_answers_carry_status_and_errcode(self):
@@ -268,14 +315,16 @@ class LoopbackTests(TestCase):
             with self.assertRaises(HttpResponseError) as cm:
                 await self.client.get_json(self.server.name, "/error/404")
             e = cm.exception
-            self.assertEqual((e.status, e.errcode, e.destination), (404, "M_NOT_FOUND",
-                                                                    self.server.name))
+            self.assertEqual(
+                (e.status, e.errcode, e.destination), (404, "M_NOT_FOUND", self.server.name)
+            )
             self.assertEqual(e.body, {"errcode": "M_NOT_FOUND", "error": "nope"})
             self.assertEqual(e.to_matrix_error().errcode, "M_NOT_FOUND")
             self.assertIsNone(self.client.backoff.state(self.server.name))
             with self.assertRaises(RequestFailedError) as cm:
                 await self.client.get_json(self.server.name, "/not-json")
             self.assertEqual(cm.exception.status, 200)
+
         return self.run_async(go())
 
     def test_5xx_starts_backoff_and_success_ends_it(self):
@@ -292,6 +341,7 @@ class LoopbackTests(TestCase):
             await self.client.get_json(self.server.name, "/echo/x", ignore_backoff=True)
             self.assertIsNone(self.client.backoff.state(self.server.name))
             await self.client.get_json(self.server.name, "/echo/y")
+
         return self.run_async(go())
 
     def test_timeout_and_refused_connection(self):
@@ -305,6 +355,7 @@ class LoopbackTests(TestCase):
             with self.assertRaises(RequestFailedError):
                 await self.client.get_json(closed.name, "/echo/x")
             self.assertEqual(self.client.backoff.state(closed.name).failures, 1)
+
         return self.run_async(go())
 
     def test_certificates_are_verified_unless_disabled(self):
@@ -321,4 +372,5 @@ class LoopbackTests(TestCase):
                 self.assertTrue((await trusting.get_json(self.server.name, "/echo/x"))["ok"])
             finally:
                 await trusting.close()
+
         return self.run_async(go())

@@ -1,5 +1,6 @@
 """Server discovery (spec "Resolving server names") against fake DNS and HTTP."""
 
+import json
 import random
 
 from twisted.internet import defer
@@ -54,7 +55,7 @@ class FakeWellKnown:
 
 
 def ok(m_server, cache_control=None, expires=None):
-    body = ('{"m.server": "%s"}' % m_server).encode()
+    body = json.dumps({"m.server": m_server}).encode()
     return WellKnownResponse(200, body, cache_control, expires)
 
 
@@ -87,16 +88,18 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual((self.well_known.fetches, self.dns.srv_queries), ([], []))
 
     def test_ipv6_literals(self):
-        self.check("[2001:db8::1]:8449", "[2001:db8::1]:8449", "2001:db8::1",
-                   [("2001:db8::1", 8449)])
+        self.check(
+            "[2001:db8::1]:8449", "[2001:db8::1]:8449", "2001:db8::1", [("2001:db8::1", 8449)]
+        )
         address = self.check("[::1]", "[::1]", "::1", [("::1", 8448)])
         self.assertFalse(address.send_sni)
         self.assertEqual(self.well_known.fetches, [])
 
     # --- step 2: explicit port -----------------------------------------------------------
     def test_hostname_with_port_skips_well_known_and_srv(self):
-        address = self.check("example.org:1234", "example.org:1234", "example.org",
-                             [("example.org", 1234)])
+        address = self.check(
+            "example.org:1234", "example.org:1234", "example.org", [("example.org", 1234)]
+        )
         self.assertTrue(address.send_sni)
         self.assertEqual((self.well_known.fetches, self.dns.srv_queries), ([], []))
 
@@ -110,36 +113,42 @@ class DiscoveryTests(SynchronousTestCase):
 
     def test_delegation_with_port(self):
         self.well_known.answers["example.org"] = ok("delegated.example:9000")
-        self.check("example.org", "delegated.example:9000", "delegated.example",
-                   [("delegated.example", 9000)])
+        self.check(
+            "example.org",
+            "delegated.example:9000",
+            "delegated.example",
+            [("delegated.example", 9000)],
+        )
         self.assertEqual(self.dns.srv_queries, [])
 
     def test_delegation_without_port_uses_matrix_fed_srv(self):
         self.well_known.answers["example.org"] = ok("delegated.example")
         self.dns.srv_records["_matrix-fed._tcp.delegated.example"] = [("srv.example", 7000)]
         self.dns.srv_records["_matrix._tcp.delegated.example"] = [("old.example", 7001)]
-        self.check("example.org", "delegated.example", "delegated.example",
-                   [("srv.example", 7000)])
+        self.check("example.org", "delegated.example", "delegated.example", [("srv.example", 7000)])
         self.assertEqual(self.dns.srv_queries, ["_matrix-fed._tcp.delegated.example"])
 
     def test_delegation_falls_back_to_deprecated_srv(self):
         self.well_known.answers["example.org"] = ok("delegated.example")
         self.dns.srv_records["_matrix._tcp.delegated.example"] = [("old.example", 7001)]
-        self.check("example.org", "delegated.example", "delegated.example",
-                   [("old.example", 7001)])
-        self.assertEqual(self.dns.srv_queries, ["_matrix-fed._tcp.delegated.example",
-                                                "_matrix._tcp.delegated.example"])
+        self.check("example.org", "delegated.example", "delegated.example", [("old.example", 7001)])
+        self.assertEqual(
+            self.dns.srv_queries,
+            ["_matrix-fed._tcp.delegated.example", "_matrix._tcp.delegated.example"],
+        )
 
     def test_delegation_without_srv_uses_8448(self):
         self.well_known.answers["example.org"] = ok("delegated.example")
-        self.check("example.org", "delegated.example", "delegated.example",
-                   [("delegated.example", 8448)])
+        self.check(
+            "example.org", "delegated.example", "delegated.example", [("delegated.example", 8448)]
+        )
 
     # --- steps 4-6: no usable .well-known -------------------------------------------------
     def test_no_well_known_uses_srv_of_the_hostname_and_keeps_its_host(self):
         self.dns.srv_records["_matrix-fed._tcp.example.org"] = [("a.example", 1), ("b.example", 2)]
-        self.check("example.org", "example.org", "example.org",
-                   [("a.example", 1), ("b.example", 2)])
+        self.check(
+            "example.org", "example.org", "example.org", [("a.example", 1), ("b.example", 2)]
+        )
         self.assertEqual(self.well_known.fetches, ["example.org"])
 
     def test_no_well_known_deprecated_srv(self):
@@ -237,14 +246,26 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(split_server_name("example.org:80"), ("example.org", 80))
         self.assertEqual(split_server_name("[::1]:8448"), ("::1", 8448))
         self.assertEqual(split_server_name("1.2.3.4"), ("1.2.3.4", None))
-        for bad in ["", "exa mple.org", "host:99999", "host:0", "[nonsense]:1", "a/b",
-                    "host:", None, 42]:
+        for bad in [
+            "",
+            "exa mple.org",
+            "host:99999",
+            "host:0",
+            "[nonsense]:1",
+            "a/b",
+            "host:",
+            None,
+            42,
+        ]:
             with self.assertRaises(InvalidServerName, msg=repr(bad)):
                 split_server_name(bad)
 
     def test_srv_ordering(self):
-        records = [SrvTarget(20, 0, 3, "c.example."), SrvTarget(10, 0, 1, "a.example."),
-                   SrvTarget(10, 0, 2, "b.example.")]
+        records = [
+            SrvTarget(20, 0, 3, "c.example."),
+            SrvTarget(10, 0, 1, "a.example."),
+            SrvTarget(10, 0, 2, "b.example."),
+        ]
         ordered = order_srv(records, random.Random(1))
         self.assertEqual(ordered[-1], ("c.example", 3))
         self.assertEqual(sorted(ordered[:2]), [("a.example", 1), ("b.example", 2)])

@@ -591,3 +591,32 @@ class PushServiceTests(unittest.TestCase):
             self.assertEqual(counts["unread_notifications"]["notification_count"], 0)
 
         return defer.ensureDeferred(go())
+
+
+def test_shared_default_ruleset_behaves_like_the_users_own():
+    from homeserver.services.push_rules import compile_default_ruleset
+
+    events = [
+        event(content={"body": "x", "m.mentions": {"user_ids": [ALICE, 3]}}),
+        event(content={"body": "x", "m.mentions": {"user_ids": "not a list"}}),
+        event(content={"body": "x", "m.mentions": {"room": True}}),
+        event("m.room.member", {"membership": "invite"}, state_key=ALICE),
+        event("m.room.member", {"membership": "invite"}, state_key=ALICE.upper()),
+        event("m.room.member", {"membership": "invite"}, state_key=BOB),
+        event("m.room.member", {"membership": "join"}, state_key=ALICE),
+        event(content={"msgtype": "m.notice", "body": "n"}),
+        event("m.room.encrypted", {}),
+    ]
+    assert compile_default_ruleset(ALICE) is compile_default_ruleset(BOB)
+    for ev in events:
+        for members in (2, 5):
+            shared = ctx(ev, members=members, sender_power=100)
+            for user in (ALICE, BOB, "@carol:example.org"):
+                own = compile_ruleset(ordered_ruleset(user, {}, {})).evaluate(
+                    ctx(ev, members=members, sender_power=100), user
+                )
+                got = compile_default_ruleset(user).evaluate(shared, user)
+                assert (got and got.rule_id, got and got.actions) == (
+                    own and own.rule_id,
+                    own and own.actions,
+                ), (ev, user)

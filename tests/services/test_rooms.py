@@ -9,7 +9,7 @@ from twisted.trial import unittest
 
 from homeserver.core.events import MEMBER, POWER_LEVELS
 from homeserver.errors import MatrixError
-from tests.support.homeserver import add_user, make_homeserver
+from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 
 class RoomsTestsMixin:
@@ -21,7 +21,7 @@ class RoomsTestsMixin:
         self.hs = make_homeserver(self.stack, directory, self.engine)
 
     def tearDown(self):
-        d = defer.ensureDeferred(self.hs.database.close())
+        d = defer.ensureDeferred(close_homeserver(self.hs))
         d.addBoth(lambda r: (self.stack.close(), r)[1])
         return d
 

@@ -42,3 +42,12 @@ async def add_user(hs: HomeServer, localpart: str) -> str:
         ),
     )
     return user_id
+
+
+async def close_homeserver(hs: HomeServer) -> None:
+    """Stop the services' timers and close the database, as shutdown does."""
+    for name in ("presence", "typing"):
+        service = getattr(hs, name, None)
+        if service is not None:
+            service.shutdown()
+    await hs.database.close()

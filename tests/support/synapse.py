@@ -7,6 +7,9 @@
     ...
     synapse.stop(); ours.stop()
 
+or the module-scoped pytest fixtures ``synapse_server`` and ``federating_server``
+(``tests/federation/conftest.py`` provides them to every test there).
+
 Both listen on 127.0.0.1 only, with server names ``127.0.0.1:<port>``,
 self-signed certificates and certificate checks off; each refuses to
 contact any address outside 127.0.0.0/8. Synapse drops bad PDUs silently and
@@ -22,9 +25,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -54,13 +59,17 @@ def running_logs(max_chars: int = 40_000) -> list[tuple[str, str]]:
 def loopback_only_blocklist() -> list[str]:
     """CIDR ranges covering every IPv4 and IPv6 address except 127.0.0.0/8 (and its
     IPv4-mapped, -compatible and 6to4 forms, which Synapse derives from IPv4 ranges)."""
-    v4 = list(ipaddress.ip_network("0.0.0.0/0").address_exclude(
-        ipaddress.ip_network("127.0.0.0/8")))
+    v4 = list(
+        ipaddress.ip_network("0.0.0.0/0").address_exclude(ipaddress.ip_network("127.0.0.0/8"))
+    )
     v6: list[Any] = [ipaddress.ip_network("::/0")]
     for keep in ("::ffff:127.0.0.0/104", "::127.0.0.0/104", "2002:7f00::/24"):
         keep_net = ipaddress.ip_network(keep)
-        v6 = [part for net in v6 for part in (
-            net.address_exclude(keep_net) if keep_net.subnet_of(net) else [net])]
+        v6 = [
+            part
+            for net in v6
+            for part in (net.address_exclude(keep_net) if keep_net.subnet_of(net) else [net])
+        ]
     return [str(n) for n in sorted(v4)] + [str(n) for n in ipaddress.collapse_addresses(v6)]
 
 
@@ -78,18 +87,27 @@ def generate_tls_certificate(directory: Path, name: str = "127.0.0.1") -> tuple[
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
-        ]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.DNSName("localhost"),
+                ]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "tls.crt", directory / "tls.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
@@ -115,21 +133,28 @@ def synapse_config(directory: Path, port: int, **overrides: Any) -> dict[str, An
         "rc_room_creation": NO_LIMIT,
         "rc_delayed_event_mgmt": NO_LIMIT,
         "rc_reports": NO_LIMIT,
-        "rc_federation": {"window_size": 1000, "sleep_limit": 10000, "sleep_delay": 1,
-                          "reject_limit": 100000, "concurrent": 10000},
+        "rc_federation": {
+            "window_size": 1000,
+            "sleep_limit": 10000,
+            "sleep_delay": 1,
+            "reject_limit": 100000,
+            "concurrent": 10000,
+        },
     }
     return {
         "server_name": f"127.0.0.1:{port}",
         "public_baseurl": f"https://127.0.0.1:{port}/",
         "pid_file": str(directory / "homeserver.pid"),
-        "listeners": [{
-            "port": port,
-            "bind_addresses": ["127.0.0.1"],
-            "type": "http",
-            "tls": True,
-            "x_forwarded": False,
-            "resources": [{"names": ["client", "federation"], "compress": False}],
-        }],
+        "listeners": [
+            {
+                "port": port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": True,
+                "x_forwarded": False,
+                "resources": [{"names": ["client", "federation"], "compress": False}],
+            }
+        ],
         "tls_certificate_path": str(cert),
         "tls_private_key_path": str(key),
         "database": {"name": "sqlite3", "args": {"database": str(directory / "homeserver.db")}},
@@ -137,6 +162,7 @@ def synapse_config(directory: Path, port: int, **overrides: Any) -> dict[str, An
         "media_store_path": str(directory / "media_store"),
         "signing_key_path": str(directory / "signing.key"),
         "report_stats": False,
+        "bcrypt_rounds": 4,
         "macaroon_secret_key": secrets.token_hex(16),
         "form_secret": secrets.token_hex(16),
         "registration_shared_secret": secrets.token_hex(16),
@@ -215,7 +241,9 @@ class SynapseServer:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
-            stdout=log, stderr=log, cwd=self.directory,
+            stdout=log,
+            stderr=log,
+            cwd=self.directory,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
@@ -231,8 +259,10 @@ class SynapseServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Synapse exited {self.process.returncode}:\n{self.log()}")
             try:
-                if request("GET", self.base_url + "/_matrix/client/versions",
-                           timeout=2).status == 200:
+                if (
+                    request("GET", self.base_url + "/_matrix/client/versions", timeout=2).status
+                    == 200
+                ):
                     return
             except OSError:
                 pass
@@ -266,8 +296,7 @@ def _ensure_synapse_installed() -> None:
     try:
         import synapse  # noqa: F401
     except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "matrix-synapse[test]"],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "matrix-synapse[test]"], check=True)
 
 
 def start_synapse(directory: Path, **overrides: Any) -> SynapseServer:
@@ -306,13 +335,15 @@ def federating_config(directory: Path, port: int, **overrides: Any) -> dict[str,
     cert, key = generate_tls_certificate(directory)
     return {
         **E2E_CONFIG,
-        "listeners": [{
-            "port": port,
-            "bind_addresses": ["127.0.0.1"],
-            "type": "http",
-            "tls": True,
-            "resources": [{"names": ["client", "federation", "keys", "media"]}],
-        }],
+        "listeners": [
+            {
+                "port": port,
+                "bind_addresses": ["127.0.0.1"],
+                "type": "http",
+                "tls": True,
+                "resources": [{"names": ["client", "federation", "keys", "media"]}],
+            }
+        ],
         "public_baseurl": f"https://127.0.0.1:{port}/",
         "tls_certificate_path": str(cert),
         "tls_private_key_path": str(key),
@@ -336,17 +367,45 @@ def start_federating_server(directory: Path, **overrides: Any) -> FederatingServ
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server_name = f"127.0.0.1:{port}"
-    config = write_config(directory, server_name,
-                          **federating_config(directory, port, **overrides))
+    config = write_config(directory, server_name, **federating_config(directory, port, **overrides))
     server = FederatingServer([config, directory / "overrides.yaml"], directory / "server.log")
     return server.start()
+
+
+# --- pytest fixtures (module scope: a Synapse takes a few seconds to start) -------------
+
+
+@pytest.fixture(scope="module")
+def synapse_server(tmp_path_factory: Any) -> Iterator[SynapseServer]:
+    """A running Synapse for the module (re-export it from a conftest.py)."""
+    server = SynapseServer(tmp_path_factory.mktemp("synapse")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def federating_server(tmp_path_factory: Any) -> Iterator[FederatingServer]:
+    """Our server for the module, federating over loopback TLS."""
+    server = start_federating_server(tmp_path_factory.mktemp("ours"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- client helpers (blocking; both servers are other processes) -----------------------
 
 
-def client_call(server: Any, method: str, path: str, token: str | None = None,
-                body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+def client_call(
+    server: Any,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    timeout: float = 30,
+) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if body is not None:
         headers["Content-Type"] = "application/json"
@@ -357,17 +416,18 @@ def client_call(server: Any, method: str, path: str, token: str | None = None,
         return r.status, r.body
 
 
-def register(server: Any, localpart: str, password: str = "correct horse battery") -> tuple[
-        str, str]:
+def register(
+    server: Any, localpart: str, password: str = "correct horse battery"
+) -> tuple[str, str]:
     """Register through the client API (UIA with m.login.dummy); (user_id, access_token)."""
     path = "/_matrix/client/v3/register"
-    body: dict[str, Any] = {"username": localpart, "password": password,
-                            "inhibit_login": False}
+    body: dict[str, Any] = {"username": localpart, "password": password, "inhibit_login": False}
     status, response = client_call(server, "POST", path, body=body)
     if status == 401 and isinstance(response, dict) and "session" in response:
         body["auth"] = {"type": "m.login.dummy", "session": response["session"]}
         status, response = client_call(server, "POST", path, body=body)
     if status != 200:
-        raise AssertionError(f"registering {localpart} on {server.server_name}: {status} "
-                             f"{response}")
+        raise AssertionError(
+            f"registering {localpart} on {server.server_name}: {status} {response}"
+        )
     return response["user_id"], response["access_token"]

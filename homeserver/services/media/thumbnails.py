@@ -25,8 +25,10 @@ THUMBNAILABLE = frozenset(
 _DECODERS = ["JPEG", "PNG", "GIF", "WEBP"]
 # Animated thumbnails: at most this many frames.
 MAX_ANIMATED_FRAMES = 150
-# With dynamic_thumbnails, the largest box a request may ask for.
+# The largest box a thumbnail is made for; sizes made on demand (larger than
+# every configured one) are rounded up to a multiple of SNAP.
 MAX_DYNAMIC_SIZE = 2048
+SNAP = 32
 JPEG_QUALITY = 80
 
 
@@ -72,38 +74,44 @@ def specs_from_config(entries: list[dict[str, Any]]) -> list[ThumbnailSpec]:
     return specs
 
 
+def _snap(value: int) -> int:
+    return min(MAX_DYNAMIC_SIZE, -(-max(value, 1) // SNAP) * SNAP)
+
+
 def choose_spec(
     width: int, height: int, method: str, configured: list[ThumbnailSpec], dynamic: bool
 ) -> ThumbnailSpec:
-    """The box to serve for a request: its own (dynamic) or the best configured one.
+    """The box to make or serve for a request.
 
-    Best: of the sizes with the requested method (any method if none has it),
-    the smallest that is at least as large as asked in both dimensions (for
-    crop, closest in aspect ratio first); failing that, the largest.
+    With ``dynamic`` the request's own box. Otherwise, of the configured
+    sizes with the requested method (any method if none has it), the smallest
+    at least as large as asked in both dimensions (for crop, the closest in
+    aspect ratio first). When none is that large, a box rounded up to a
+    multiple of ``SNAP`` (at most ``MAX_DYNAMIC_SIZE``) is made on demand: a
+    thumbnail is never smaller than asked unless the image itself is, and
+    arbitrary sizes cannot fill the store.
     """
-    if dynamic or not configured:
+    if dynamic:
         return ThumbnailSpec(
             min(max(width, 1), MAX_DYNAMIC_SIZE), min(max(height, 1), MAX_DYNAMIC_SIZE), method
         )
     same = [s for s in configured if s.method == method] or configured
     big_enough = [s for s in same if s.width >= width and s.height >= height]
-    want_aspect = width / max(height, 1)
-
-    def area(s: ThumbnailSpec) -> int:
-        return s.width * s.height
-
-    if big_enough:
-        if method == "crop":
-            return min(big_enough, key=lambda s: (round(abs(s.width / s.height - want_aspect), 2),
-                                                   area(s)))
-        return min(big_enough, key=area)
-    return max(same, key=area)
+    if not big_enough:
+        return ThumbnailSpec(_snap(width), _snap(height), method)
+    if method == "crop":
+        want = width / max(height, 1)
+        return min(big_enough,
+                   key=lambda s: (round(abs(s.width / s.height - want), 2), s.width * s.height))
+    return min(big_enough, key=lambda s: s.width * s.height)
 
 
 def _open(path: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(path, formats=_DECODERS)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own limit, from the header
+        raise ImageTooLarge(str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise CannotThumbnail(str(e)) from None
     width, height = img.size
     if width <= 0 or height <= 0:
