@@ -70,8 +70,13 @@ def register_admin_media_resources(router: Any, hs: Any) -> None:
     async def media_info(request: Request, server_name: str, media_id: str) -> tuple[int, Any]:
         await require_admin(request)
         record = await hs.media.get_media_info(server_name, media_id)
-        return 200, {"media_info": {"media_origin": record.origin, "user_id": record.user_id,
-                                    **record.admin_json()}}
+        return 200, {
+            "media_info": {
+                "media_origin": record.origin,
+                "user_id": record.user_id,
+                **record.admin_json(),
+            }
+        }
 
     async def delete_media(request: Request, server_name: str, media_id: str) -> tuple[int, Any]:
         await require_admin(request)

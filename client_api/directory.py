@@ -56,30 +56,32 @@ def register_directory_resources(router: Any, hs: Any) -> None:
         await directory.set_room_visibility(room_id, body.get("visibility", "public"), who.user_id)
         return 200, {}
 
-    def check_server(request: Request) -> None:
+    def remote_server(request: Request) -> str | None:
+        """The ``server`` parameter when it names another server."""
         server = query_arg(request, "server")
-        if server is not None and server != hs.server_name:
-            raise MatrixError(
-                "M_NOT_FOUND",
-                f"Cannot list the room directory of {server}: that needs federation, "
-                "which this server does not support yet",
-            )
+        return server if server is not None and server != hs.server_name else None
 
     async def get_public_rooms(request: Request) -> tuple[int, Any]:
         if hs.config["allow_public_rooms_without_auth"]:
             await hs.auth.get_optional_requester(request, allow_guest=True)
         else:
             await hs.auth.get_requester(request, allow_guest=True)
-        check_server(request)
         limit = query_int(request, "limit")
         since = query_arg(request, "since") or None
+        server = remote_server(request)
+        if server is not None:
+            return 200, await directory.public_rooms_of(server, limit, since, None, False)
         return 200, await directory.public_rooms(limit, since, None)
 
     async def post_public_rooms(request: Request) -> tuple[int, Any]:
         await hs.auth.get_requester(request, allow_guest=True)
         body = parse_body(request, schemas.QUERY_PUBLIC_ROOMS)
-        check_server(request)
         include_all = body.get("include_all_networks", False)
+        server = remote_server(request)
+        if server is not None:
+            return 200, await directory.public_rooms_of(
+                server, body.get("limit"), body.get("since") or None, body.get("filter"),
+                include_all)
         network = body.get("third_party_instance_id")
         if network is not None:
             if include_all:

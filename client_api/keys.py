@@ -40,9 +40,15 @@ def register_keys_resources(router: Any, hs: Any) -> None:
         if not since:
             raise MatrixError("M_MISSING_PARAM", "Missing parameter: from")
         upto = query_arg(request, "to")
-        since_pos = StreamToken.parse(since).device_lists
-        upto_pos = StreamToken.parse(upto).device_lists if upto else hs.device_lists.position
-        return 200, await hs.device_lists.changes_for(who.user_id, since_pos, upto_pos)
+        start = StreamToken.parse(since)
+        end = StreamToken.parse(upto) if upto else hs.sync.current_token()
+        return 200, await hs.device_lists.changes_for(
+            who.user_id,
+            start.device_lists,
+            end.device_lists,
+            since_events=start.events,
+            upto_events=end.events,
+        )
 
     async def upload_cross_signing_keys(request: Request) -> tuple[int, Any]:
         who = await hs.auth.get_requester(request)

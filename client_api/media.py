@@ -66,9 +66,7 @@ async def send_download(hs: Any, request: Request, record: Any, file_name: str |
     request.setHeader(b"Accept-Ranges", b"bytes")
     if partial:
         request.setResponseCode(206)
-        request.setHeader(
-            b"Content-Range", f"bytes {offset}-{offset + length - 1}/{size}".encode()
-        )
+        request.setHeader(b"Content-Range", f"bytes {offset}-{offset + length - 1}/{size}".encode())
     request.setHeader(b"Content-Length", str(length).encode())
     await stream_body(hs.reactor, request, reader, length)
 
@@ -77,7 +75,8 @@ async def send_thumbnail(hs: Any, request: Request, thumb: Any) -> None:
     reader = None if request.method == b"HEAD" else await hs.media.open_thumbnail(thumb)
     ext = thumb.content_type.rsplit("/", 1)[-1]
     set_media_headers(
-        request, thumb.content_type,
+        request,
+        thumb.content_type,
         content_disposition(thumb.content_type, f"thumbnail.{ext}", inline=True),
     )
     request.setHeader(b"Content-Length", str(thumb.length).encode())
@@ -98,8 +97,9 @@ def _thumbnail_params(request: Request) -> tuple[int, int, str, bool]:
 def register_client_media_resources(router: Any, hs: Any) -> None:
     """The authenticated /_matrix/client/v1/media endpoints (client listeners)."""
 
-    async def download(request: Request, server_name: str, media_id: str,
-                       file_name: str | None = None) -> None:
+    async def download(
+        request: Request, server_name: str, media_id: str, file_name: str | None = None
+    ) -> None:
         await hs.auth.get_requester(request, allow_guest=True)
         record = await hs.media.get_media(server_name, media_id, timeout_ms=_timeout(request))
         await send_download(hs, request, record, file_name or None)
@@ -136,7 +136,9 @@ def register_media_resources(router: Any, hs: Any) -> None:
     async def upload(request: Request) -> tuple[int, Any]:
         requester = await hs.auth.get_requester(request)
         content_uri = await hs.media.upload(
-            requester.user_id, request.content, request.getHeader("Content-Type"),
+            requester.user_id,
+            request.content,
+            request.getHeader("Content-Type"),
             query_arg(request, "filename"),
         )
         return 200, {"content_uri": content_uri}
@@ -148,13 +150,18 @@ def register_media_resources(router: Any, hs: Any) -> None:
     async def upload_to(request: Request, server_name: str, media_id: str) -> tuple[int, Any]:
         requester = await hs.auth.get_requester(request)
         await hs.media.upload_to(
-            requester.user_id, server_name, media_id, request.content,
-            request.getHeader("Content-Type"), query_arg(request, "filename"),
+            requester.user_id,
+            server_name,
+            media_id,
+            request.content,
+            request.getHeader("Content-Type"),
+            query_arg(request, "filename"),
         )
         return 200, {}
 
-    async def legacy_download(request: Request, server_name: str, media_id: str,
-                              file_name: str | None = None) -> None:
+    async def legacy_download(
+        request: Request, server_name: str, media_id: str, file_name: str | None = None
+    ) -> None:
         record = await hs.media.get_media(
             server_name, media_id, legacy=True, timeout_ms=_timeout(request)
         )
@@ -163,7 +170,13 @@ def register_media_resources(router: Any, hs: Any) -> None:
     async def legacy_thumbnail(request: Request, server_name: str, media_id: str) -> None:
         width, height, method, animated = _thumbnail_params(request)
         thumb = await hs.media.get_thumbnail(
-            server_name, media_id, width, height, method, animated, legacy=True,
+            server_name,
+            media_id,
+            width,
+            height,
+            method,
+            animated,
+            legacy=True,
             timeout_ms=_timeout(request),
         )
         await send_thumbnail(hs, request, thumb)

@@ -31,8 +31,14 @@ def _part_headers(content_type: str, disposition: bytes) -> bytes:
     )
 
 
-async def _send_multipart(hs: Any, request: Request, reader_opener: Any, length: int,
-                          content_type: str, disposition: bytes) -> None:
+async def _send_multipart(
+    hs: Any,
+    request: Request,
+    reader_opener: Any,
+    length: int,
+    content_type: str,
+    disposition: bytes,
+) -> None:
     boundary = secrets.token_hex(16).encode()
     prefix = (
         b"--" + boundary + b"\r\nContent-Type: application/json\r\n\r\n{}\r\n"
@@ -51,7 +57,10 @@ def register_federation_media_resources(router: Any, hs: Any) -> None:
             hs.server_name, media_id, timeout_ms=query_int(request, "timeout_ms")
         )
         await _send_multipart(
-            hs, request, lambda: hs.media.open_content(record), int(record.media_length or 0),
+            hs,
+            request,
+            lambda: hs.media.open_content(record),
+            int(record.media_length or 0),
             response_content_type(record.media_type),
             content_disposition(record.media_type, record.upload_name),
         )
@@ -63,17 +72,28 @@ def register_federation_media_resources(router: Any, hs: Any) -> None:
             raise MatrixError("M_MISSING_PARAM", "width and height are required")
         method = query_arg(request, "method", "scale") or "scale"
         thumb = await hs.media.get_thumbnail(
-            hs.server_name, media_id, width, height, method,
-            query_bool(request, "animated", False), timeout_ms=query_int(request, "timeout_ms"),
+            hs.server_name,
+            media_id,
+            width,
+            height,
+            method,
+            query_bool(request, "animated", False),
+            timeout_ms=query_int(request, "timeout_ms"),
         )
         ext = thumb.content_type.rsplit("/", 1)[-1]
         await _send_multipart(
-            hs, request, lambda: hs.media.open_thumbnail(thumb), thumb.length, thumb.content_type,
+            hs,
+            request,
+            lambda: hs.media.open_thumbnail(thumb),
+            thumb.length,
+            thumb.content_type,
             content_disposition(thumb.content_type, f"thumbnail.{ext}", inline=True),
         )
 
     # Signed requests only (federation/auth.py); ``origin`` is the verified caller.
-    router.register("GET", FEDERATION_MEDIA + "/download/(?P<media_id>[^/]+)",
-                    authenticated(hs, download))
-    router.register("GET", FEDERATION_MEDIA + "/thumbnail/(?P<media_id>[^/]+)",
-                    authenticated(hs, thumbnail))
+    router.register(
+        "GET", FEDERATION_MEDIA + "/download/(?P<media_id>[^/]+)", authenticated(hs, download)
+    )
+    router.register(
+        "GET", FEDERATION_MEDIA + "/thumbnail/(?P<media_id>[^/]+)", authenticated(hs, thumbnail)
+    )

@@ -28,8 +28,6 @@ _MAX_CLAIM_ATTEMPTS = 1000
 # Kinds of device-list stream entries (see 0013_e2e_keys.sql).
 KEYS = "keys"
 OWN = "own"
-JOIN = "join"
-LEAVE = "leave"
 
 CROSS_SIGNING_TYPES = ("master", "self_signing", "user_signing")
 
@@ -87,7 +85,12 @@ def _chunks(items: list[Any]) -> Iterable[list[Any]]:
 
 
 def add_stream_rows(txn: Txn, stream_id: int, rows: Iterable[tuple[str, str, str]]) -> None:
-    """Announce (user_id, kind, room_id) changes at ``stream_id``, in the caller's transaction."""
+    """Announce (user_id, kind, room_id) changes at ``stream_id``, in the caller's transaction.
+
+    Called with no rows too, when ``stream_id`` was handed out but nothing
+    changed: readers may have seen the position reach it, so it must not go
+    back after a restart.
+    """
     txn.executemany(
         "INSERT INTO device_lists_stream (stream_id, user_id, kind, room_id)"
         " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -125,6 +128,7 @@ class DeviceListsStore:
 
     # --- reading and writing ---------------------------------------------------------------
     async def entries_between(self, after: int, upto: int) -> list[StreamEntry]:
+        """Entries in (after, upto], oldest first (for tokens older than the memory window)."""
         rows = await self.db.select(
             "device_list_changes",
             "SELECT stream_id, user_id, kind, room_id FROM device_lists_stream"
@@ -132,11 +136,6 @@ class DeviceListsStore:
             (after, upto),
         )
         return [StreamEntry(*r) for r in rows]
-
-    async def add_entries(self, stream_id: int, rows: list[tuple[str, str, str]]) -> None:
-        await self.db.run_interaction(
-            "add_device_list_changes", lambda txn: add_stream_rows(txn, stream_id, rows)
-        )
 
 
 class E2eKeysStore:
@@ -178,8 +177,9 @@ class E2eKeysStore:
                         (user_id, device_id, new),
                     )
                     changed = True
-                    if stream_id is not None:
-                        add_stream_rows(txn, stream_id, [(user_id, KEYS, "")])
+            if stream_id is not None:
+                # The position moves even without a change: the id was handed out.
+                add_stream_rows(txn, stream_id, [(user_id, KEYS, "")] if changed else [])
             if one_time_keys:
                 existing: dict[tuple[str, str], Any] = {}
                 for algorithm, key_id, key_json in txn.execute(
@@ -427,8 +427,7 @@ class E2eKeysStore:
                     " WHERE signer_user_id = ? AND signer_key_id = ?",
                     (user_id, f"ed25519:{device_id}"),
                 )
-            if had_keys:
-                add_stream_rows(txn, stream_id, [(user_id, KEYS, "")])
+            add_stream_rows(txn, stream_id, [(user_id, KEYS, "")] if had_keys else [])
             return had_keys
 
         return await self.db.run_interaction("delete_device_e2e_keys", txn_fn)
@@ -444,8 +443,7 @@ class E2eKeysStore:
                 " WHERE signer_user_id = ? OR target_user_id = ?",
                 (user_id, user_id),
             )
-            if had_keys:
-                add_stream_rows(txn, stream_id, [(user_id, KEYS, "")])
+            add_stream_rows(txn, stream_id, [(user_id, KEYS, "")] if had_keys else [])
             return had_keys
 
         return await self.db.run_interaction("delete_cross_signing_keys", txn_fn)
@@ -504,9 +502,7 @@ def _claim_fallback_key(
 
 __all__ = [
     "CROSS_SIGNING_TYPES",
-    "JOIN",
     "KEYS",
-    "LEAVE",
     "OWN",
     "CrossSigningKey",
     "DeviceListsStore",

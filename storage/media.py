@@ -139,9 +139,13 @@ class MediaStore:
     ) -> tuple[list[MediaRecord], int]:
         """A page of the user's uploads (Synapse's admin API) and their total count."""
         column = {
-            "media_id": "media_id", "upload_name": "upload_name", "created_ts": "created_ts",
-            "last_access_ts": "last_access_ts", "media_length": "media_length",
-            "media_type": "media_type", "quarantined_by": "quarantined_by",
+            "media_id": "media_id",
+            "upload_name": "upload_name",
+            "created_ts": "created_ts",
+            "last_access_ts": "last_access_ts",
+            "media_length": "media_length",
+            "media_type": "media_type",
+            "quarantined_by": "quarantined_by",
             "safe_from_quarantine": "safe_from_quarantine",
         }[order_by]
         direction = "DESC" if descending else "ASC"
@@ -187,7 +191,12 @@ class MediaStore:
 
     # --- writing ----------------------------------------------------------------
     async def create_pending(
-        self, origin: str, media_id: str, user_id: str, now: int, expires_ts: int,
+        self,
+        origin: str,
+        media_id: str,
+        user_id: str,
+        now: int,
+        expires_ts: int,
         authenticated: bool,
     ) -> None:
         await self.db.run_interaction(
@@ -215,7 +224,10 @@ class MediaStore:
     @staticmethod
     def _store_media_txn(txn: Txn, r: MediaRecord, replace_pending: bool) -> MediaRecord | None:
         assert r.sha256 is not None and r.media_length is not None
-        if txn.execute("SELECT 1 FROM media_content WHERE sha256 = ?", (r.sha256,)).fetchone() is None:
+        if (
+            txn.execute("SELECT 1 FROM media_content WHERE sha256 = ?", (r.sha256,)).fetchone()
+            is None
+        ):
             txn.execute(
                 "INSERT INTO media_content (sha256, length, created_ts) VALUES (?, ?, ?)",
                 (r.sha256, r.media_length, r.created_ts),
@@ -230,8 +242,16 @@ class MediaStore:
             "UPDATE media SET media_type = ?, upload_name = ?, media_length = ?, sha256 = ?,"
             " unused_expires_ts = NULL WHERE origin = ? AND media_id = ? AND user_id = ?"
             " AND sha256 IS NULL AND unused_expires_ts > ?",
-            (r.media_type, r.upload_name, r.media_length, r.sha256, r.origin, r.media_id,
-             r.user_id, r.created_ts),
+            (
+                r.media_type,
+                r.upload_name,
+                r.media_length,
+                r.sha256,
+                r.origin,
+                r.media_id,
+                r.user_id,
+                r.created_ts,
+            ),
         )
         if txn.rowcount == 1:
             return None
@@ -273,9 +293,7 @@ class MediaStore:
             ),
         )
 
-    async def set_quarantined(
-        self, media: Iterable[tuple[str, str]], by: str | None
-    ) -> int:
+    async def set_quarantined(self, media: Iterable[tuple[str, str]], by: str | None) -> int:
         """Quarantine (``by`` an admin) or release (``by`` None) media; returns how many changed.
 
         Media marked safe_from_quarantine is never quarantined.

@@ -9,7 +9,7 @@ latest event each user sent per room and thread (sending reads).
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -41,15 +41,14 @@ class AllPushRules:
     defaults: dict[str, dict[tuple[str, str], DefaultRuleChange]]
 
 
-@attrs.frozen
-class PushActionRow:
+class PushActionRow(NamedTuple):
     user_id: str
     room_id: str
     stream_ordering: int
     event_id: str
     thread_id: str  # "main" or a thread root
     highlight: bool
-    actions: list[Any]
+    actions_json: str  # the actions of the rule that matched, as JSON
     ts: int
 
 
@@ -155,19 +154,7 @@ class PushStore:
             "INSERT INTO event_push_actions (user_id, room_id, stream_ordering, event_id,"
             " thread_id, highlight, actions, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (user_id, room_id, stream_ordering) DO NOTHING",
-            [
-                (
-                    r.user_id,
-                    r.room_id,
-                    r.stream_ordering,
-                    r.event_id,
-                    r.thread_id,
-                    r.highlight,
-                    _json_encoder.encode(r.actions),
-                    r.ts,
-                )
-                for r in rows
-            ],
+            rows,
         )
         txn.executemany(
             "INSERT INTO push_read_marks (user_id, room_id, thread_id, stream_ordering)"
@@ -221,6 +208,6 @@ class PushStore:
             args,
         )
         return [
-            PushActionRow(user_id, room, so, eid, thread, bool(hl), json.loads(actions), ts)
+            PushActionRow(user_id, room, so, eid, thread, bool(hl), actions, ts)
             for room, so, eid, thread, hl, actions, ts in rows
         ]

@@ -8,10 +8,18 @@ tests hold our answers to, next to the spec's own.
 THUMBNAIL_METHODS = frozenset({"crop", "scale"})
 
 # Synapse's admin API: GET /_synapse/admin/v1/users/{userId}/media?order_by=
-ADMIN_MEDIA_ORDER_BY = frozenset({
-    "media_id", "upload_name", "created_ts", "last_access_ts", "media_length", "media_type",
-    "quarantined_by", "safe_from_quarantine",
-})
+ADMIN_MEDIA_ORDER_BY = frozenset(
+    {
+        "media_id",
+        "upload_name",
+        "created_ts",
+        "last_access_ts",
+        "media_length",
+        "media_type",
+        "quarantined_by",
+        "safe_from_quarantine",
+    }
+)
 
 _MXC = {"type": "string", "pattern": "^mxc://[^/]+/[A-Za-z0-9_-]+$"}
 

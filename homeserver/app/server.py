@@ -72,6 +72,9 @@ def run(config: HomeserverConfig) -> int:
                            SHUTDOWN_GRACE_SECONDS)
         else:
             timeout.cancel()
+        await hs.federation_client.close()
+        for service in (hs.presence, hs.typing):
+            service.shutdown()
         await database.close()
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)

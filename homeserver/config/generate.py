@@ -92,6 +92,16 @@ signing_key_path: "{signing_key_path}"
 #ip_range_whitelist: []
 # Ranges refused for federation only. Default: ip_range_blocklist
 #federation_ip_range_blacklist: []
+# Only these servers may federate with us. Default: any server
+#federation_domain_whitelist: [example.org]
+
+# Outbound federation requests: timeout, and the back-off for a server that
+# does not answer (the wait grows by the multiplier up to the maximum).
+#federation:
+#  client_timeout: 60s
+#  destination_min_retry_interval: 10m
+#  destination_retry_multiplier: 2
+#  destination_max_retry_interval: 7d
 
 ## Rooms ##
 

@@ -205,6 +205,17 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "ip_range_blocklist": _STR_LIST,
         "ip_range_whitelist": {**_STR_LIST, "default": []},
         "federation_ip_range_blacklist": _STR_LIST,
+        "federation_domain_whitelist": {"type": ["array", "null"], "items": _STR},
+        "federation": {
+            "type": "object",
+            "properties": {
+                "client_timeout": _DURATION,
+                "destination_min_retry_interval": _DURATION,
+                "destination_retry_multiplier": {"type": "number", "minimum": 1},
+                "destination_max_retry_interval": _DURATION,
+            },
+            "additionalProperties": False,
+        },
         "trusted_key_servers": {
             "type": "array",
             "items": {

@@ -1,38 +1,38 @@
 """The device-list stream: whose devices changed, for /sync and /keys/changes.
 
-The stream gets an entry (durably, see ``storage/e2e_keys.py``) whenever a
-local user's device keys or cross-signing keys change, a device with keys is
-deleted, or a user's joined state in a room changes. ``changes_for`` turns the
-entries between two positions into the spec's ``{changed, left}`` for one
-user, from the rooms they are in now:
+The stream gets an entry (durably, in the same transaction as the change, see
+``storage/e2e_keys.py``) whenever a local user's device keys or cross-signing
+keys change or a device with keys is deleted. ``changes_for`` turns a window
+of the stream into the spec's ``{changed, left}`` for one user:
 
-- ``changed``: users sharing a room with them whose keys changed, and users
-  they newly share a room with (a join by either side);
-- ``left``: users they shared a room with through a room somebody left, and
-  now share none with.
+- ``changed``: users sharing a room with them whose keys changed (the user
+  themselves too: their other devices care), and, given the window in the
+  events stream as well, users they newly share a room with (either side
+  joined);
+- ``left``: users they shared a room with at the start of the window, through
+  a room somebody left during it, and now share none with.
+
+Room membership changes come from the events stream itself (the rooms' state
+at the window's start against their current state), so they reach a /sync in
+the same response as the membership event, and are as durable as the events.
 
 Recent entries are kept in memory (the latest ``RECENT_ENTRIES``, loaded at
 start-up, plus everything since), so a /sync never reaches the database for
-this unless its token is older than that window; a /sync whose token is at
-the current position does no work at all.
-
-Key changes are written by the end-to-end keys service through ``write``;
-membership changes are recorded here from every persisted batch of events.
-When an entry becomes visible, syncs of the user and of the rooms involved are
-woken.
+key changes unless its token is older than that window; a /sync whose token
+is at the current positions does no work at all. When an entry becomes
+visible, the syncs of the user and of everyone in their rooms are woken.
 """
 
 import bisect
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet import defer
 
 from homeserver.core.events import MEMBER
 from homeserver.services.account_data import StreamWriter
-from storage.e2e_keys import JOIN, KEYS, LEAVE, OWN, DeviceListsStore, StreamEntry
+from storage.e2e_keys import KEYS, OWN, DeviceListsStore, StreamEntry
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,10 @@ class DeviceListsService:
             recent = [e for e in recent if e.stream_id > self._floor]
         self._recent: list[StreamEntry] = recent
         self._recent_ids: list[int] = [e.stream_id for e in recent]
-        persister = getattr(hs, "persister", None)
-        if persister is not None:
-            persister.on_persisted.append(self.on_persisted)
 
     @property
     def position(self) -> int:
         return self._stream.position
-
-    def is_mine(self, user_id: str) -> bool:
-        return user_id.startswith("@") and user_id.partition(":")[2] == self.server_name
 
     # --- writing ---------------------------------------------------------------------------
     async def write(
@@ -80,10 +74,13 @@ class DeviceListsService:
         kind: str,
         write: Callable[[int], Awaitable[tuple[R, bool]]],
     ) -> R:
-        """Run ``write(stream_id)``, a transaction announcing a ``kind`` change of ``user_id``.
+        """Run ``write(stream_id)``, a transaction announcing a ``kind`` change of ``user_id``
+        (``KEYS``: everyone sharing a room with them is told; ``OWN``: only they are).
 
-        ``write`` returns (its result, whether it added the stream row); the
-        change becomes visible (and wakes syncs) once every earlier one has.
+        ``write`` returns (its result, whether it added the stream row). It
+        must move the stream's stored position to ``stream_id`` either way
+        (``storage.e2e_keys.add_stream_rows`` does). The change becomes
+        visible, and wakes syncs, once every earlier one has.
         """
         wake_rooms = await self._joined_rooms(user_id) if kind == KEYS else []
         stream_id = self._stream.allocate()
@@ -97,49 +94,6 @@ class DeviceListsService:
             visible = _Visible([StreamEntry(stream_id, user_id, kind)], wake_rooms, [user_id])
         self._stream.finish(stream_id, visible)
         return result
-
-    def on_persisted(self, items: list[Any]) -> None:
-        """The persister's hook: record joins and leaves (in the background)."""
-        members = [item for item in items if item.pdu.type == MEMBER]
-        if members:
-            defer.ensureDeferred(self._record_memberships(members)).addErrback(
-                lambda f: logger.error(
-                    "recording membership changes in the device-list stream failed",
-                    exc_info=(f.type, f.value, f.getTracebackObject()),
-                )
-            )
-
-    async def _record_memberships(self, items: list[Any]) -> None:
-        rows: list[tuple[str, str, str]] = []
-        for item in items:
-            pdu = item.pdu
-            joined = pdu.content.get("membership") == "join"
-            if joined != await self._was_joined(item):
-                rows.append((pdu.state_key, JOIN if joined else LEAVE, pdu.room_id))
-        if not rows:
-            return
-        stream_id = self._stream.allocate()
-        try:
-            await self.store.add_entries(stream_id, rows)
-        except BaseException:
-            self._stream.finish(stream_id)
-            raise
-        entries = [StreamEntry(stream_id, *row) for row in rows]
-        self._stream.finish(
-            stream_id,
-            _Visible(entries, sorted({r[2] for r in rows}), sorted({r[0] for r in rows})),
-        )
-
-    async def _was_joined(self, item: Any) -> bool:
-        """Whether the member event's user was joined before it."""
-        if item.prev_state_group is None:
-            return False
-        state = await self.hs.state_groups.get(item.prev_state_group)
-        event_id = state.get((MEMBER, item.pdu.state_key))
-        if event_id is None:
-            return False
-        event = await self.hs.events.get_event(event_id)
-        return event is not None and event.content.get("membership") == "join"
 
     def _on_visible(self, batches: list[_Visible]) -> None:
         rooms: set[str] = set()
@@ -163,6 +117,8 @@ class DeviceListsService:
 
     # --- reading ---------------------------------------------------------------------------
     async def _entries(self, since: int, upto: int) -> list[StreamEntry]:
+        if since >= upto:
+            return []
         if since >= self._floor:
             start = bisect.bisect_right(self._recent_ids, since)
             end = bisect.bisect_right(self._recent_ids, upto)
@@ -173,60 +129,131 @@ class DeviceListsService:
         rooms = await self.hs.user_rooms.get(user_id)
         return [room_id for room_id, (m, _, _) in rooms.items() if m == "join"]
 
-    async def changes_for(self, user_id: str, since: int, upto: int) -> dict[str, list[str]]:
-        """``{changed, left}`` for ``user_id`` between stream positions (since, upto]."""
-        upto = min(upto, self.position)
-        if since >= upto:
-            return {"changed": [], "left": []}
-        entries = await self._entries(since, upto)
-        if not entries:
+    async def changes_for(
+        self,
+        user_id: str,
+        since: int,
+        upto: int,
+        since_events: int | None = None,
+        upto_events: int | None = None,
+    ) -> dict[str, list[str]]:
+        """``{changed, left}`` for ``user_id`` between device-list positions (since, upto].
+
+        With the window's events stream positions too, users newly sharing a
+        room and users no longer sharing any are included (from membership
+        changes in (since_events, upto_events]).
+        """
+        entries = await self._entries(since, min(upto, self.position))
+        membership_window = (
+            since_events is not None and upto_events is not None and since_events < upto_events
+        )
+        if not entries and not membership_window:
             return {"changed": [], "left": []}
         hs = self.hs
-        my_rooms = await self._joined_rooms(user_id)
-        my_room_set = set(my_rooms)
-        rooms: dict[str, Any] = {}
-
-        async def joined_members(room_id: str) -> Iterable[str]:
-            room = rooms.get(room_id)
-            if room is None:
-                room = rooms[room_id] = await hs.room_states.get(room_id)
-            if room is None:
-                return ()
-            return room.users_with_membership("join")
-
-        my_room_changes = {e.room_id for e in entries if e.user_id == user_id and e.room_id}
         changed: set[str] = set()
         maybe_left: set[str] = set()
-        self_changed = False  # the user's own devices or keys (their other devices care)
+        self_changed = False
         for entry in entries:
-            other = entry.user_id
-            if entry.kind == KEYS or entry.kind == OWN:
-                if other == user_id:
-                    self_changed = True
-                elif entry.kind == KEYS:
-                    changed.add(other)
-            elif entry.kind == JOIN:
-                if entry.room_id not in my_room_set:
-                    continue
-                if other == user_id:
-                    changed.update(await joined_members(entry.room_id))
-                else:
-                    changed.add(other)
-            elif entry.kind == LEAVE:
-                if other == user_id:
-                    maybe_left.update(await joined_members(entry.room_id))
-                elif entry.room_id in my_room_set or entry.room_id in my_room_changes:
-                    maybe_left.add(other)
-        for room_id in my_rooms:
-            if room_id not in rooms:
-                rooms[room_id] = await hs.room_states.get(room_id)
-        mine = [rooms[r] for r in my_rooms if rooms.get(r) is not None]
+            if entry.user_id == user_id:
+                self_changed = True
+            elif entry.kind == KEYS:
+                changed.add(entry.user_id)
+            # OWN entries of other users are not for this user.
+        memberships = await hs.user_rooms.get(user_id)
+        mine = []
+        for room_id, (membership, _, _) in list(memberships.items()):
+            if membership == "join":
+                room = await hs.room_states.get(room_id)
+                if room is not None:
+                    mine.append(room)
+        if membership_window:
+            assert since_events is not None and upto_events is not None
+            await self._membership_changes(
+                user_id, memberships, since_events, upto_events, changed, maybe_left
+            )
 
         def shares_room(other: str) -> bool:
             return any(room.members.get(other) == "join" for room in mine)
 
-        left = sorted(u for u in maybe_left if u != user_id and not shares_room(u))
         changed_list = sorted(u for u in changed if u != user_id and shares_room(u))
         if self_changed:
             changed_list.append(user_id)
+        left = sorted(u for u in maybe_left if u != user_id and not shares_room(u))
         return {"changed": changed_list, "left": left}
+
+    async def _membership_changes(
+        self,
+        user_id: str,
+        memberships: dict[str, tuple[str, int, str]],
+        since_events: int,
+        upto_events: int,
+        changed: set[str],
+        maybe_left: set[str],
+    ) -> None:
+        """Add whom ``user_id`` newly shares a room with to ``changed``, and whom they
+        may no longer share any with to ``maybe_left``: rooms' member state at
+        ``since_events`` against their current state."""
+        hs = self.hs
+        for room_id, (membership, stream, _) in list(memberships.items()):
+            if membership != "join" and stream <= since_events:
+                continue  # not in the room during the window
+            if stream > upto_events:
+                continue  # the user's own change is for a later sync
+            room = await hs.room_states.get(room_id)
+            if room is None or room.last_stream <= since_events:
+                continue  # nothing happened in the room
+            group = await self._state_group_at(room, since_events)
+            if group == room.state_group:
+                continue  # no state change, so no membership change
+            before = await hs.state_groups.get(group)
+            was_joined = await self._joined_in(before, user_id)
+            is_joined = membership == "join"
+            if not was_joined and is_joined:
+                changed.update(room.users_with_membership("join"))
+            elif was_joined and not is_joined:
+                maybe_left.update(await self._joined_members(before))
+            elif was_joined and is_joined:
+                # Others' joins and leaves: member events that differ from ``before``.
+                moved = [
+                    pdu
+                    for (event_type, _), pdu in room.state.items()
+                    if event_type == MEMBER and before.get((MEMBER, pdu.state_key)) != pdu.event_id
+                ]
+                earlier = await hs.events.get_events(
+                    [
+                        before[(MEMBER, p.state_key)]
+                        for p in moved
+                        if (MEMBER, p.state_key) in before
+                    ]
+                )
+                for pdu in moved:
+                    old_id = before.get((MEMBER, pdu.state_key))
+                    old = earlier.get(old_id) if old_id is not None else None
+                    joined_before = old is not None and old.content.get("membership") == "join"
+                    joined_now = pdu.content.get("membership") == "join"
+                    if joined_now and not joined_before:
+                        changed.add(pdu.state_key)
+                    elif joined_before and not joined_now:
+                        maybe_left.add(pdu.state_key)
+
+    async def _state_group_at(self, room: Any, position: int) -> int | None:
+        """The room's state group after its last event at or before ``position``."""
+        recent = room.recent
+        if recent and recent[0][0] <= position:
+            return next(g for stream, _, g in reversed(recent) if stream <= position)
+        return await self.hs.events_store.get_state_group_before(room.room_id, position)
+
+    async def _joined_in(self, state: dict[tuple[str, str], str], user_id: str) -> bool:
+        event_id = state.get((MEMBER, user_id))
+        if event_id is None:
+            return False
+        event = await self.hs.events.get_event(event_id)
+        return event is not None and event.content.get("membership") == "join"
+
+    async def _joined_members(self, state: dict[tuple[str, str], str]) -> list[str]:
+        ids = [event_id for (event_type, _), event_id in state.items() if event_type == MEMBER]
+        events = await self.hs.events.get_events(ids)
+        return [e.state_key for e in events.values() if e.content.get("membership") == "join"]
+
+
+__all__ = ["KEYS", "OWN", "DeviceListsService"]

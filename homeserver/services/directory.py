@@ -41,6 +41,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any
 
 from homeserver.errors import MatrixError
+from homeserver.services.federation_client import FederationError
 from homeserver.services.rooms.state import RoomState
 from storage.directory import DirectoryStore
 
@@ -269,17 +270,44 @@ class DirectoryService:
         if not created:
             raise MatrixError("M_ROOM_IN_USE", f"Room alias {alias} already exists", 409)
 
+    async def _resolve_remote_alias(self, alias: str, server: str) -> tuple[str, list[str]]:
+        """Ask the alias's server (GET /_matrix/federation/v1/query/directory)."""
+        try:
+            body = await self.hs.federation_client.get_json(
+                server, "/_matrix/federation/v1/query/directory", {"room_alias": alias})
+        except FederationError as e:
+            raise e.to_matrix_error() from e
+        room_id = body.get("room_id") if isinstance(body, dict) else None
+        servers = body.get("servers") if isinstance(body, dict) else None
+        if not isinstance(room_id, str) or not isinstance(servers, list):
+            raise MatrixError("M_UNKNOWN", f"{server} answered with a malformed alias", 502)
+        return room_id, [s for s in servers if isinstance(s, str)]
+
+    async def public_rooms_of(
+        self, server: str, limit: int | None, since: str | None, search_filter: Any,
+        include_all_networks: bool,
+    ) -> dict[str, Any]:
+        """Another server's public room list (POST /_matrix/federation/v1/publicRooms)."""
+        body: dict[str, Any] = {"include_all_networks": include_all_networks}
+        if limit is not None:
+            body["limit"] = limit
+        if since:
+            body["since"] = since
+        if search_filter:
+            body["filter"] = search_filter
+        try:
+            return await self.hs.federation_client.post_json(
+                server, "/_matrix/federation/v1/publicRooms", content=body)
+        except FederationError as e:
+            raise e.to_matrix_error() from e
+
     async def resolve_alias(self, alias: str) -> tuple[str, list[str]]:
         """(room id, servers that can help join it), or 404 M_NOT_FOUND."""
         parts = split_alias(alias)
         if parts is None:
             raise MatrixError("M_INVALID_PARAM", "Room alias invalid")
         if parts[1] != self.hs.server_name:
-            raise MatrixError(
-                "M_NOT_FOUND",
-                f"Room alias {alias} not found: resolving aliases of other servers needs "
-                "federation, which this server does not support yet",
-            )
+            return await self._resolve_remote_alias(alias, parts[1])
         record = await self.store.get_alias(alias)
         if record is None:
             raise MatrixError("M_NOT_FOUND", f"Room alias {alias} not found")

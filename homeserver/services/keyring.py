@@ -416,10 +416,7 @@ class Keyring:
         known = await self._known(server_name)
         wanted = criteria or {}
         if wanted:
-            fresh = all(
-                k in known and known[k].valid_at(m or minimum_valid_until_ts)
-                for k, m in wanted.items()
-            )
+            fresh = all(k in known and known[k].valid_at(m) for k, m in wanted.items())
         else:
             fresh = any(
                 e.expired_ts is None and e.valid_at(minimum_valid_until_ts) for e in known.values()
@@ -444,9 +441,11 @@ class Keyring:
         for entry in entries:
             if entry.key_json and entry.key_json not in docs:
                 try:
-                    docs[entry.key_json] = json.loads(entry.key_json)
+                    doc = json.loads(entry.key_json)
                 except ValueError:
                     continue
+                if isinstance(doc, dict) and doc.get("server_name") == server_name:
+                    docs[entry.key_json] = doc
         if not wanted and docs:
             # Without criteria the newest document is the answer.
             newest = max(docs.values(), key=lambda d: d.get("valid_until_ts", 0))

@@ -23,6 +23,7 @@ from twisted.internet import defer
 
 from homeserver.core.events import MEMBER
 from homeserver.errors import MatrixError
+from homeserver.services.federation_client import FederationError
 from homeserver.services.user_directory import UserDirectory
 from storage.profiles import ProfileStore
 
@@ -197,12 +198,32 @@ class ProfileService:
         return profile
 
     async def get_profile(self, user_id: str) -> dict[str, Any]:
-        """GET /profile/{userId}: every field that is set; 404 for unknown users."""
+        """GET /profile/{userId}: every field that is set; 404 for unknown users.
+        Users of other servers are looked up over federation."""
+        if not self.is_mine(user_id):
+            return await self._remote_profile(user_id, None)
         return (await self._require(user_id)).to_json()
+
+    async def _remote_profile(self, user_id: str, field: str | None) -> dict[str, Any]:
+        server = user_id.partition(":")[2]
+        query = {"user_id": user_id} if field is None else {"user_id": user_id, "field": field}
+        try:
+            body = await self.hs.federation_client.get_json(
+                server, "/_matrix/federation/v1/query/profile", query)
+        except FederationError as e:
+            raise e.to_matrix_error() from e
+        if not isinstance(body, dict):
+            raise MatrixError("M_UNKNOWN", f"{server} answered with a malformed profile", 502)
+        return body
 
     async def get_profile_field(self, user_id: str, key: str) -> dict[str, Any]:
         """GET /profile/{userId}/{keyName}: ``{key: value}``; 404 when unset."""
         check_key_name(key)
+        if not self.is_mine(user_id):
+            remote = await self._remote_profile(user_id, key)
+            if remote.get(key) is None:
+                raise MatrixError("M_NOT_FOUND", f"{user_id} has no {key} set")
+            return {key: remote[key]}
         profile = await self._require(user_id)
         value = profile.get(key)
         if value is None and key not in profile.fields:

@@ -15,6 +15,7 @@ receipt is the furthest of ``m.read`` and ``m.read.private``.
 """
 
 import bisect
+import json
 import logging
 from typing import Any
 
@@ -368,7 +369,7 @@ class PushService:
                     pdu.event_id,
                     thread,
                     rule.highlight,
-                    list(rule.actions),
+                    rule.actions_json,
                     now,
                 )
             )
@@ -570,7 +571,7 @@ class PushService:
             (event,) = await hs.client_events.serialize_events([pdu], user_id, None, False)
             result.append(
                 {
-                    "actions": row.actions,
+                    "actions": json.loads(row.actions_json),
                     "event": event,
                     "read": read,
                     "room_id": row.room_id,

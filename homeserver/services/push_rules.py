@@ -486,6 +486,7 @@ class CompiledRule:
     actions: tuple[Any, ...]
     notify: bool
     highlight: bool
+    actions_json: str  # the actions as stored with each notification
 
 
 def rule_conditions(kind: str, rule: Mapping[str, Any]) -> list[Any]:
@@ -508,19 +509,49 @@ def compile_rule(kind: str, rule: Mapping[str, Any]) -> CompiledRule:
         conditions = tuple(compile_condition(c) for c in rule_conditions(kind, rule))
     actions = tuple(normalize_actions(rule.get("actions") or []))
     return CompiledRule(
-        kind, rule_id, conditions, actions, actions_notify(actions), actions_highlight(actions)
+        kind,
+        rule_id,
+        conditions,
+        actions,
+        actions_notify(actions),
+        actions_highlight(actions),
+        json.dumps(list(actions), ensure_ascii=False, separators=(",", ":")),
     )
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)  # hashed by identity: a key of per-event memos
 class CompiledRuleSet:
     rules: tuple[CompiledRule, ...]  # enabled rules only, in evaluation order
 
+    def candidates(self, ctx: EvalContext) -> tuple[CompiledRule, ...]:
+        """The rules that can still match this event for some user, once per event.
+
+        A rule drops out when a condition that does not depend on the user fails; the
+        list ends at the first rule without user-dependent conditions that matches,
+        since it matches for everyone.
+        """
+        found = ctx.memo.get(self)
+        if found is None:
+            kept = []
+            for rule in self.rules:
+                depends = False
+                for cond in rule.conditions:
+                    if cond.user_dependent:
+                        depends = True
+                    elif not cond.matches(ctx, ""):
+                        break
+                else:
+                    kept.append(rule)
+                    if not depends:
+                        break
+            found = ctx.memo[self] = tuple(kept)
+        return found
+
     def evaluate(self, ctx: EvalContext, user_id: str) -> CompiledRule | None:
         """The first enabled rule that matches, or None."""
-        for rule in self.rules:
+        for rule in self.candidates(ctx):
             for cond in rule.conditions:
-                if not cond.matches(ctx, user_id):
+                if cond.user_dependent and not cond.matches(ctx, user_id):
                     break
             else:
                 return rule

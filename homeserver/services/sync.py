@@ -364,7 +364,8 @@ class SyncService:
         device_lists = getattr(hs, "device_lists", None)
         if device_lists is not None and since is not None:
             changes = await device_lists.changes_for(req.user_id, since.device_lists,
-                                                     now.device_lists)
+                                                     now.device_lists, since_events=since.events,
+                                                     upto_events=now.events)
             if changes.get("changed") or changes.get("left"):
                 extras["device_lists"] = changes
         return extras

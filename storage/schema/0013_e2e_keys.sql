@@ -67,9 +67,8 @@ CREATE INDEX e2e_cross_signing_signatures_signer
 --          sharing a room with them is told)
 --   own    a change only user_id is told about (their user-signing key,
 --          their signatures of other users' master keys)
---   join   user_id joined room_id
---   leave  user_id stopped being joined to room_id
--- room_id is '' for keys and own.
+-- room_id is '' (room membership changes come from the events stream); it is
+-- there for per-room announcements, should they be needed.
 CREATE TABLE device_lists_stream (
     stream_id BIGINT NOT NULL,
     user_id TEXT NOT NULL,

@@ -641,23 +641,30 @@ class DeviceListsWindowTest(unittest.TestCase):
                     }
                 },
             )
-            self.assertEqual(hs.device_lists.position, 3)
-            in_memory = [await hs.device_lists.changes_for(alice, s, position) for s in range(4)]
+            self.assertEqual(hs.device_lists.position, 4)
+            self.assertEqual(
+                await hs.device_lists.changes_for(alice, 3, 4), {"changed": [], "left": []}
+            )
+            position = hs.device_lists.position
+            in_memory = [await hs.device_lists.changes_for(alice, s, position) for s in range(5)]
             self.assertEqual(in_memory[0], {"changed": [alice], "left": []})
+            self.assertEqual(in_memory[2], {"changed": [alice], "left": []})
             self.assertEqual(in_memory[3], {"changed": [], "left": []})
             # A restarted service keeps only the newest entries in memory.
             import homeserver.services.device_lists as module
 
-            self.patch(module, "RECENT_ENTRIES", 1)
+            self.patch(module, "RECENT_ENTRIES", 2)
             restarted = DeviceListsService(hs)
-            self.assertEqual(restarted.position, 3)
+            self.assertEqual(restarted.position, 4)  # never back, though 4 announced nothing
             self.assertEqual(restarted._floor, 2)
-            from_db = [await restarted.changes_for(alice, s, position) for s in range(4)]
+            from_db = [await restarted.changes_for(alice, s, position) for s in range(5)]
             self.assertEqual(from_db, in_memory)
-            # Deleting a device with keys is a change; deleting one without is not.
-            await hs.accounts.delete_devices(alice, ["D2"])
-            self.assertEqual(hs.device_lists.position, 4)
-            await hs.accounts.delete_devices(alice, ["NOKEYS"])
-            self.assertEqual(hs.device_lists.position, 4)
+            # Deleting a device with keys is a change; deleting one without is not
+            # (accounts.delete_devices calls this hook).
+            await hs.e2e_keys.on_devices_deleted(alice, ["D2"])
+            self.assertEqual(hs.device_lists.position, 5)
+            self.assertEqual((await hs.device_lists.changes_for(alice, 4, 5))["changed"], [alice])
+            await hs.e2e_keys.on_devices_deleted(alice, ["NOKEYS"])
+            self.assertEqual((await hs.device_lists.changes_for(alice, 5, 6))["changed"], [])
 
         return defer.ensureDeferred(go())

@@ -30,6 +30,9 @@ from tests.support.synapse import client_call, loopback_only_blocklist, register
 
 CLIENT = "/_matrix/client/v3"
 
+# One worker runs the whole module: one Synapse start (CI uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("synapse-interop")
+
 
 class Peers:
     def __init__(self, synapse, ours):
@@ -330,3 +333,39 @@ class SynapseInteropTests(TestCase):
             self.assertEqual([r["room_id"] for r in body["chunk"]], [room_id])
 
         return self.run_async(go())
+
+
+class OurClientApiOverFederation(TestCase):
+    """Our users' client requests that need Synapse: profiles, aliases, room lists."""
+
+    def test_remote_profile_alias_and_room_directory(self):
+        p = self.peers
+        status, profile = client_call(p.ours, "GET", f"{CLIENT}/profile/{quote(p.syn_user)}",
+                                      p.our_token)
+        assert (status, profile.get("displayname")) == (200, "Sam on Synapse"), profile
+        status, name = client_call(
+            p.ours, "GET", f"{CLIENT}/profile/{quote(p.syn_user)}/displayname", p.our_token)
+        assert (status, name) == (200, {"displayname": "Sam on Synapse"})
+        missing = f"@nobody{p.tag}:{p.synapse.server_name}"
+        status, body = client_call(p.ours, "GET", f"{CLIENT}/profile/{quote(missing)}",
+                                   p.our_token)
+        assert status == 404 and body["errcode"] == "M_NOT_FOUND"
+
+        alias_name = f"fedalias{p.tag}"
+        status, created = client_call(p.synapse, "POST", f"{CLIENT}/createRoom", p.syn_token, {
+            "room_alias_name": alias_name, "visibility": "public", "preset": "public_chat",
+            "name": f"Synapse room {p.tag}"})
+        assert status == 200, created
+        alias = f"#{alias_name}:{p.synapse.server_name}"
+        status, resolved = client_call(p.ours, "GET",
+                                       f"{CLIENT}/directory/room/{quote(alias)}", p.our_token)
+        assert status == 200, resolved
+        assert resolved["room_id"] == created["room_id"]
+        assert p.synapse.server_name in resolved["servers"]
+
+        status, listing = client_call(
+            p.ours, "POST",
+            f"{CLIENT}/publicRooms?server={quote(p.synapse.server_name)}", p.our_token,
+            {"filter": {"generic_search_term": f"Synapse room {p.tag}"}})
+        assert status == 200, listing
+        assert [r["room_id"] for r in listing["chunk"]] == [created["room_id"]]

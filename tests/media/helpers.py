@@ -48,32 +48,43 @@ def server_config(server: RunningServer) -> dict[str, Any]:
 
 
 def mxc_parts(mxc: str) -> tuple[str, str]:
-    server_name, media_id = mxc[len("mxc://"):].split("/")
+    server_name, media_id = mxc[len("mxc://") :].split("/")
     return server_name, media_id
 
 
-async def raw(server: RunningServer, method: str, path: str, token: str | None = None,
-              data: Any = None, headers: dict[str, str] | None = None
-              ) -> tuple[int, dict[str, str], bytes]:
+async def raw(
+    server: RunningServer,
+    method: str,
+    path: str,
+    token: str | None = None,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     """Status, headers (lower-case names) and body bytes of one request."""
     all_headers = dict(headers or {})
     if token:
         all_headers["Authorization"] = f"Bearer {token}"
     async with aiohttp.ClientSession() as session:
-        async with session.request(method, server.base_url + path, data=data,
-                                   headers=all_headers) as response:
+        async with session.request(
+            method, server.base_url + path, data=data, headers=all_headers
+        ) as response:
             body = await response.read()
             return response.status, {k.lower(): v for k, v in response.headers.items()}, body
 
 
-async def upload(server: RunningServer, client: AsyncClient, data: bytes,
-                 content_type: str = "application/octet-stream",
-                 filename: str | None = None) -> str:
+async def upload(
+    server: RunningServer,
+    client: AsyncClient,
+    data: bytes,
+    content_type: str = "application/octet-stream",
+    filename: str | None = None,
+) -> str:
     from urllib.parse import quote
 
     path = f"{MEDIA}/upload" + (f"?filename={quote(filename)}" if filename else "")
-    status, _, body = await raw(server, "POST", path, client.access_token, data,
-                                {"Content-Type": content_type})
+    status, _, body = await raw(
+        server, "POST", path, client.access_token, data, {"Content-Type": content_type}
+    )
     assert status == 200, body
     import json
 
@@ -87,10 +98,17 @@ async def register_admin(server: RunningServer) -> AsyncClient:
     secret = server_config(server)["registration_shared_secret"]
     url = server.base_url + ADMIN + "/register"
     nonce = (await asyncio.to_thread(request, "GET", url)).json()["nonce"]
-    mac = hmac.new(secret.encode(), b"\x00".join(
-        [nonce.encode(), localpart.encode(), password.encode(), b"admin"]), hashlib.sha1).hexdigest()
-    r = await asyncio.to_thread(request, "POST", url, {
-        "nonce": nonce, "username": localpart, "password": password, "admin": True, "mac": mac})
+    mac = hmac.new(
+        secret.encode(),
+        b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), b"admin"]),
+        hashlib.sha1,
+    ).hexdigest()
+    r = await asyncio.to_thread(
+        request,
+        "POST",
+        url,
+        {"nonce": nonce, "username": localpart, "password": password, "admin": True, "mac": mac},
+    )
     assert r.status == 200, r.body
     client = AsyncClient(server.base_url, r.json()["user_id"])
     client.access_token = r.json()["access_token"]

@@ -41,8 +41,10 @@ from tests.media.helpers import (
 )
 from tests.support.clients import close, create, register
 
-CSP = ("sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; "
-       "style-src 'unsafe-inline'; media-src 'self'; object-src 'self';")
+CSP = (
+    "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; "
+    "style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"
+)
 LIMIT = 50 * 1024 * 1024  # the default max_upload_size
 
 
@@ -108,21 +110,27 @@ def test_unknown_media_and_missing_tokens(matrix_server):
         alice = await register(matrix_server)
         token = alice.access_token
         me = quote(matrix_server.server_name)
-        for path in (f"{CLIENT_MEDIA}/download/{me}/nosuchmedia",
-                     f"{CLIENT_MEDIA}/thumbnail/{me}/nosuchmedia?width=32&height=32",
-                     f"{CLIENT_MEDIA}/download/{me}/bad..id",
-                     f"{CLIENT_MEDIA}/download/example.org/abcdef"):
+        for path in (
+            f"{CLIENT_MEDIA}/download/{me}/nosuchmedia",
+            f"{CLIENT_MEDIA}/thumbnail/{me}/nosuchmedia?width=32&height=32",
+            f"{CLIENT_MEDIA}/download/{me}/bad..id",
+            f"{CLIENT_MEDIA}/download/example.org/abcdef",
+        ):
             status, _, body = await raw(matrix_server, "GET", path, token)
             assert (status, errcode(body)) == (404, "M_NOT_FOUND"), (path, body)
-        _, _, body = await raw(matrix_server, "GET", f"{CLIENT_MEDIA}/download/example.org/abc", token)
+        _, _, body = await raw(
+            matrix_server, "GET", f"{CLIENT_MEDIA}/download/example.org/abc", token
+        )
         assert "other servers" in json.loads(body)["error"]
 
         mxc = await upload(matrix_server, alice, b"hello", "text/plain")
         server_name, media_id = mxc_parts(mxc)
-        for path in (f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}",
-                     f"{CLIENT_MEDIA}/thumbnail/{quote(server_name)}/{media_id}?width=8&height=8",
-                     f"{CLIENT_MEDIA}/config",
-                     f"{CLIENT_MEDIA}/preview_url?url=https%3A%2F%2Fexample.org"):
+        for path in (
+            f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}",
+            f"{CLIENT_MEDIA}/thumbnail/{quote(server_name)}/{media_id}?width=8&height=8",
+            f"{CLIENT_MEDIA}/config",
+            f"{CLIENT_MEDIA}/preview_url?url=https%3A%2F%2Fexample.org",
+        ):
             status, _, body = await raw(matrix_server, "GET", path)
             assert (status, errcode(body)) == (401, "M_MISSING_TOKEN"), (path, body)
         status, _, body = await raw(matrix_server, "POST", f"{MEDIA}/upload", data=b"x")
@@ -131,13 +139,16 @@ def test_unknown_media_and_missing_tokens(matrix_server):
         assert (status, errcode(body)) == (401, "M_MISSING_TOKEN")
         # Not an image: no thumbnail.
         status, _, body = await raw(
-            matrix_server, "GET",
-            f"{CLIENT_MEDIA}/thumbnail/{quote(server_name)}/{media_id}?width=8&height=8", token)
+            matrix_server,
+            "GET",
+            f"{CLIENT_MEDIA}/thumbnail/{quote(server_name)}/{media_id}?width=8&height=8",
+            token,
+        )
         assert (status, errcode(body)) == (400, "M_UNKNOWN")
         # URL previews are off by default.
         status, _, body = await raw(
-            matrix_server, "GET", f"{CLIENT_MEDIA}/preview_url?url=https%3A%2F%2Fexample.org",
-            token)
+            matrix_server, "GET", f"{CLIENT_MEDIA}/preview_url?url=https%3A%2F%2Fexample.org", token
+        )
         assert status == 404
         await close(alice)
 
@@ -149,8 +160,9 @@ def test_oversized_uploads_are_refused_with_and_without_content_length(matrix_se
         alice = await register(matrix_server)
         token = alice.access_token
         # Content-Length over the limit: refused from the headers alone.
-        status, _, body = await raw(matrix_server, "POST", f"{MEDIA}/upload", token,
-                                    b"\0" * (LIMIT + 1))
+        status, _, body = await raw(
+            matrix_server, "POST", f"{MEDIA}/upload", token, b"\0" * (LIMIT + 1)
+        )
         assert (status, errcode(body)) == (413, "M_TOO_LARGE")
 
         async def chunks():
@@ -158,15 +170,17 @@ def test_oversized_uploads_are_refused_with_and_without_content_length(matrix_se
                 yield b"\1" * (1024 * 1024)
 
         # Chunked: refused once the bytes received pass the limit.
-        status, headers, body = await raw(matrix_server, "POST", f"{MEDIA}/upload", token,
-                                          chunks())
+        status, headers, body = await raw(matrix_server, "POST", f"{MEDIA}/upload", token, chunks())
         assert (status, errcode(body)) == (413, "M_TOO_LARGE")
         assert headers["access-control-allow-origin"] == "*"
         # Exactly at the limit is fine; the server is still serving.
         mxc = await upload(matrix_server, alice, b"\2" * LIMIT)
         status, headers, _ = await raw(
-            matrix_server, "HEAD",
-            f"{CLIENT_MEDIA}/download/{quote(mxc_parts(mxc)[0])}/{mxc_parts(mxc)[1]}", token)
+            matrix_server,
+            "HEAD",
+            f"{CLIENT_MEDIA}/download/{quote(mxc_parts(mxc)[0])}/{mxc_parts(mxc)[1]}",
+            token,
+        )
         assert status == 200 and headers["content-length"] == str(LIMIT)
         await close(alice)
 
@@ -180,18 +194,32 @@ def test_download_headers_dispositions_and_ranges(matrix_server):
 
         async def fetch(mxc: str, suffix: str = "", headers=None, method="GET"):
             server_name, media_id = mxc_parts(mxc)
-            return await raw(matrix_server, method,
-                             f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}{suffix}",
-                             token, headers=headers)
+            return await raw(
+                matrix_server,
+                method,
+                f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}{suffix}",
+                token,
+                headers=headers,
+            )
 
         png = image_bytes(50, 40)
         cases = [
             (png, "image/png", "pic.png", "inline", 'filename="pic.png"'),
-            (b"<script>alert(1)</script>", "text/html", "page.html", "attachment",
-             'filename="page.html"'),
+            (
+                b"<script>alert(1)</script>",
+                "text/html",
+                "page.html",
+                "attachment",
+                'filename="page.html"',
+            ),
             (b"\0\1\2", "application/octet-stream", None, "attachment", None),
-            (b"hi", "text/plain", "résumé ✓.txt", "inline",
-             "filename*=utf-8''r%C3%A9sum%C3%A9%20%E2%9C%93.txt"),
+            (
+                b"hi",
+                "text/plain",
+                "résumé ✓.txt",
+                "inline",
+                "filename*=utf-8''r%C3%A9sum%C3%A9%20%E2%9C%93.txt",
+            ),
             (b"x", "text/plain", "../../etc/passwd", "inline", 'filename="passwd"'),
         ]
         for data, content_type, name, kind, filename in cases:
@@ -207,7 +235,9 @@ def test_download_headers_dispositions_and_ranges(matrix_server):
 
         mxc = await upload(matrix_server, alice, b"0123456789", "text/plain", "digits.txt")
         status, headers, body = await fetch(mxc, "/other name.bin")
-        assert status == 200 and headers["content-disposition"] == 'inline; filename="other name.bin"'
+        assert (
+            status == 200 and headers["content-disposition"] == 'inline; filename="other name.bin"'
+        )
         status, headers, body = await fetch(mxc, headers={"Range": "bytes=2-5"})
         assert (status, body) == (206, b"2345")
         assert headers["content-range"] == "bytes 2-5/10"
@@ -221,9 +251,12 @@ def test_download_headers_dispositions_and_ranges(matrix_server):
         image = await upload(matrix_server, alice, png, "image/png", "pic.png")
         server_name, media_id = mxc_parts(image)
         status, headers, body = await raw(
-            matrix_server, "GET",
+            matrix_server,
+            "GET",
             f"{CLIENT_MEDIA}/thumbnail/{quote(server_name)}/{media_id}?width=32&height=32"
-            "&method=crop", token)
+            "&method=crop",
+            token,
+        )
         assert status == 200 and decode(body).size == (32, 32)
         assert headers["content-disposition"] == 'inline; filename="thumbnail.png"'
         assert headers["content-security-policy"] == CSP
@@ -237,8 +270,9 @@ def test_create_then_upload(matrix_server):
     async def scenario() -> None:
         alice = await register(matrix_server)
         bob = await register(matrix_server)
-        status, _, body = await raw(matrix_server, "POST", "/_matrix/media/v1/create",
-                                    alice.access_token)
+        status, _, body = await raw(
+            matrix_server, "POST", "/_matrix/media/v1/create", alice.access_token
+        )
         assert status == 200, body
         created = json.loads(body)
         server_name, media_id = mxc_parts(created["content_uri"])
@@ -246,41 +280,58 @@ def test_create_then_upload(matrix_server):
         target = f"{quote(server_name)}/{media_id}"
         download = f"{CLIENT_MEDIA}/download/{target}"
 
-        status, _, body = await raw(matrix_server, "GET", download + "?timeout_ms=0",
-                                    alice.access_token)
+        status, _, body = await raw(
+            matrix_server, "GET", download + "?timeout_ms=0", alice.access_token
+        )
         assert (status, errcode(body)) == (504, "M_NOT_YET_UPLOADED")
-        status, _, body = await raw(matrix_server, "PUT", f"{MEDIA}/upload/{target}",
-                                    bob.access_token, b"bob's", {"Content-Type": "text/plain"})
+        status, _, body = await raw(
+            matrix_server,
+            "PUT",
+            f"{MEDIA}/upload/{target}",
+            bob.access_token,
+            b"bob's",
+            {"Content-Type": "text/plain"},
+        )
         assert (status, errcode(body)) == (403, "M_FORBIDDEN")
 
         # A download waiting for the upload gets it as soon as it lands.
         waiting = asyncio.ensure_future(
-            raw(matrix_server, "GET", download + "?timeout_ms=15000", bob.access_token))
+            raw(matrix_server, "GET", download + "?timeout_ms=15000", bob.access_token)
+        )
         await asyncio.sleep(0.3)
         assert not waiting.done()
-        status, _, body = await raw(matrix_server, "PUT",
-                                    f"{MEDIA}/upload/{target}?filename=late.txt",
-                                    alice.access_token, b"at last", {"Content-Type": "text/plain"})
+        status, _, body = await raw(
+            matrix_server,
+            "PUT",
+            f"{MEDIA}/upload/{target}?filename=late.txt",
+            alice.access_token,
+            b"at last",
+            {"Content-Type": "text/plain"},
+        )
         assert (status, json.loads(body)) == (200, {})
         status, headers, body = await waiting
         assert (status, body) == (200, b"at last")
         assert headers["content-disposition"] == 'inline; filename="late.txt"'
 
-        status, _, body = await raw(matrix_server, "PUT", f"{MEDIA}/upload/{target}",
-                                    alice.access_token, b"again")
+        status, _, body = await raw(
+            matrix_server, "PUT", f"{MEDIA}/upload/{target}", alice.access_token, b"again"
+        )
         assert (status, errcode(body)) == (409, "M_CANNOT_OVERWRITE_MEDIA")
         for other in (f"{quote(server_name)}/NoSuchId", f"example.org/{media_id}"):
-            status, _, body = await raw(matrix_server, "PUT", f"{MEDIA}/upload/{other}",
-                                        alice.access_token, b"x")
+            status, _, body = await raw(
+                matrix_server, "PUT", f"{MEDIA}/upload/{other}", alice.access_token, b"x"
+            )
             assert (status, errcode(body)) == (404, "M_NOT_FOUND"), other
 
         # At most max_pending_media_uploads (5) ids waiting for content per user.
         for _ in range(5):
-            status, _, body = await raw(matrix_server, "POST", "/_matrix/media/v1/create",
-                                        bob.access_token)
+            status, _, body = await raw(
+                matrix_server, "POST", "/_matrix/media/v1/create", bob.access_token
+            )
             assert status == 200, body
-        status, _, body = await raw(matrix_server, "POST", "/_matrix/media/v1/create",
-                                    bob.access_token)
+        status, _, body = await raw(
+            matrix_server, "POST", "/_matrix/media/v1/create", bob.access_token
+        )
         assert (status, errcode(body)) == (429, "M_LIMIT_EXCEEDED")
         await close(alice, bob)
 
@@ -291,11 +342,14 @@ def test_admin_quarantine_list_and_delete(matrix_server):
     async def scenario() -> None:
         admin = await register_admin(matrix_server)
         alice = await register(matrix_server)
-        a, b, c = [await upload(matrix_server, alice, image_bytes(20, 20 + i), "image/png", f"{i}.png")
-                   for i in range(3)]
+        a, b, c = [
+            await upload(matrix_server, alice, image_bytes(20, 20 + i), "image/png", f"{i}.png")
+            for i in range(3)
+        ]
         room_id = await create(alice)
-        sent = await alice.room_send(room_id, "m.room.message",
-                                     {"msgtype": "m.image", "body": "b.png", "url": b})
+        sent = await alice.room_send(
+            room_id, "m.room.message", {"msgtype": "m.image", "body": "b.png", "url": b}
+        )
         assert isinstance(sent, RoomSendResponse), sent
 
         def path(mxc: str) -> str:
@@ -303,50 +357,70 @@ def test_admin_quarantine_list_and_delete(matrix_server):
             return f"{quote(server_name)}/{media_id}"
 
         async def status_of(mxc: str) -> int:
-            return (await raw(matrix_server, "GET", f"{CLIENT_MEDIA}/download/{path(mxc)}",
-                              alice.access_token))[0]
+            return (
+                await raw(
+                    matrix_server, "GET", f"{CLIENT_MEDIA}/download/{path(mxc)}", alice.access_token
+                )
+            )[0]
 
-        status, _, body = await raw(matrix_server, "POST", f"{ADMIN}/media/quarantine/{path(a)}",
-                                    alice.access_token)
+        status, _, body = await raw(
+            matrix_server, "POST", f"{ADMIN}/media/quarantine/{path(a)}", alice.access_token
+        )
         assert (status, errcode(body)) == (403, "M_FORBIDDEN")
-        status, _, body = await raw(matrix_server, "POST", f"{ADMIN}/media/quarantine/{path(a)}",
-                                    admin.access_token)
+        status, _, body = await raw(
+            matrix_server, "POST", f"{ADMIN}/media/quarantine/{path(a)}", admin.access_token
+        )
         assert (status, json.loads(body)) == (200, {})
         assert await status_of(a) == 404
         status, _, body = await raw(
-            matrix_server, "GET", f"{CLIENT_MEDIA}/thumbnail/{path(a)}?width=32&height=32",
-            alice.access_token)
+            matrix_server,
+            "GET",
+            f"{CLIENT_MEDIA}/thumbnail/{path(a)}?width=32&height=32",
+            alice.access_token,
+        )
         assert (status, errcode(body)) == (404, "M_NOT_FOUND")
 
         status, _, body = await raw(
-            matrix_server, "POST", f"{ADMIN}/room/{quote(room_id)}/media/quarantine",
-            admin.access_token)
+            matrix_server,
+            "POST",
+            f"{ADMIN}/room/{quote(room_id)}/media/quarantine",
+            admin.access_token,
+        )
         assert (status, json.loads(body)) == (200, {"num_quarantined": 1})
         assert (await status_of(b), await status_of(c)) == (404, 200)
 
         status, _, body = await raw(
-            matrix_server, "GET", f"{ADMIN}/users/{quote(alice.user_id)}/media?order_by=upload_name",
-            admin.access_token)
+            matrix_server,
+            "GET",
+            f"{ADMIN}/users/{quote(alice.user_id)}/media?order_by=upload_name",
+            admin.access_token,
+        )
         listing = json.loads(body)
         assert status == 200 and listing["total"] == 3
         assert [m["upload_name"] for m in listing["media"]] == ["0.png", "1.png", "2.png"]
         assert [m["quarantined_by"] for m in listing["media"]] == [admin.user_id] * 2 + [None]
         status, _, body = await raw(
-            matrix_server, "GET", f"{ADMIN}/users/{quote(alice.user_id)}/media?limit=1&dir=b",
-            admin.access_token)
+            matrix_server,
+            "GET",
+            f"{ADMIN}/users/{quote(alice.user_id)}/media?limit=1&dir=b",
+            admin.access_token,
+        )
         page = json.loads(body)
         assert page["total"] == 3 and len(page["media"]) == 1 and page["next_token"] == 1
 
-        status, _, body = await raw(matrix_server, "DELETE", f"{ADMIN}/media/{path(c)}",
-                                    admin.access_token)
+        status, _, body = await raw(
+            matrix_server, "DELETE", f"{ADMIN}/media/{path(c)}", admin.access_token
+        )
         assert (status, json.loads(body)) == (200, {"deleted_media": [mxc_parts(c)[1]], "total": 1})
         assert await status_of(c) == 404
-        status, _, body = await raw(matrix_server, "DELETE", f"{ADMIN}/media/{path(c)}",
-                                    admin.access_token)
+        status, _, body = await raw(
+            matrix_server, "DELETE", f"{ADMIN}/media/{path(c)}", admin.access_token
+        )
         assert (status, errcode(body)) == (404, "M_NOT_FOUND")
 
-        status, _, _ = await raw(matrix_server, "POST", f"{ADMIN}/media/unquarantine/{path(a)}",
-                                 admin.access_token)
+        status, _, _ = await raw(
+            matrix_server, "POST", f"{ADMIN}/media/unquarantine/{path(a)}", admin.access_token
+        )
         assert status == 200 and await status_of(a) == 200
         await close(admin, alice)
 
@@ -364,7 +438,8 @@ def _signed_get(server, path: str) -> dict[str, str]:
 def _multipart(headers: dict[str, str], body: bytes) -> list:
     assert headers["content-type"].startswith("multipart/mixed; boundary=")
     message = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + headers["content-type"].encode() + b"\r\n\r\n" + body)
+        b"Content-Type: " + headers["content-type"].encode() + b"\r\n\r\n" + body
+    )
     return list(message.iter_parts())
 
 
@@ -378,8 +453,9 @@ def test_federation_download_and_thumbnail_are_multipart(matrix_server):
         path = f"/_matrix/federation/v1/media/download/{media_id}"
         status, _, body = await raw(matrix_server, "GET", path)
         assert (status, errcode(body)) == (401, "M_UNAUTHORIZED")
-        status, headers, body = await raw(matrix_server, "GET", path,
-                                          headers=_signed_get(matrix_server, path))
+        status, headers, body = await raw(
+            matrix_server, "GET", path, headers=_signed_get(matrix_server, path)
+        )
         assert status == 200, body
         meta, content = _multipart(headers, body)
         assert meta.get_content_type() == "application/json"
@@ -389,15 +465,17 @@ def test_federation_download_and_thumbnail_are_multipart(matrix_server):
         assert content.get_payload(decode=True) == png
 
         path = f"/_matrix/federation/v1/media/thumbnail/{media_id}?width=32&height=32&method=crop"
-        status, headers, body = await raw(matrix_server, "GET", path,
-                                          headers=_signed_get(matrix_server, path))
+        status, headers, body = await raw(
+            matrix_server, "GET", path, headers=_signed_get(matrix_server, path)
+        )
         assert status == 200, body
         meta, content = _multipart(headers, body)
         assert decode(content.get_payload(decode=True)).size == (32, 32)
 
         path = "/_matrix/federation/v1/media/download/NoSuchMedia"
-        status, _, body = await raw(matrix_server, "GET", path,
-                                    headers=_signed_get(matrix_server, path))
+        status, _, body = await raw(
+            matrix_server, "GET", path, headers=_signed_get(matrix_server, path)
+        )
         assert (status, errcode(body)) == (404, "M_NOT_FOUND")
         await close(alice)
 

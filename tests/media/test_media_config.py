@@ -41,10 +41,12 @@ class Pages:
         self.image = image_bytes(64, 48)
         self.app = web.Application()
         self.port = 0
-        page = (b"<html><head><title>ignored</title>"
-                b'<meta property="og:title" content="A page &amp; its title">'
-                b'<meta property="og:description" content="What it is about">'
-                b'<meta property="og:image" content="/pic.png"></head><body>hi</body></html>')
+        page = (
+            b"<html><head><title>ignored</title>"
+            b'<meta property="og:title" content="A page &amp; its title">'
+            b'<meta property="og:description" content="What it is about">'
+            b'<meta property="og:image" content="/pic.png"></head><body>hi</body></html>'
+        )
         self.add("/page", "text/html; charset=utf-8", page)
         self.add("/plain", "text/html", b"<title>Just a title</title><p>text</p>")
         self.add("/pic.png", "image/png", self.image)
@@ -78,8 +80,9 @@ class Pages:
 
 
 async def preview(server, token: str, url: str) -> tuple[int, dict]:
-    status, _, body = await raw(server, "GET", f"{CLIENT_MEDIA}/preview_url?url={quote(url, safe='')}",
-                                token)
+    status, _, body = await raw(
+        server, "GET", f"{CLIENT_MEDIA}/preview_url?url={quote(url, safe='')}", token
+    )
     return status, json.loads(body)
 
 
@@ -97,13 +100,18 @@ def s3_server(tmp_path_factory):
     with ExitStack() as stack:
         stack.callback(moto.stop)
         server = start_e2e_server(
-            stack, tmp_path_factory.mktemp("hs-s3"), "sqlite3",
+            stack,
+            tmp_path_factory.mktemp("hs-s3"),
+            "sqlite3",
             url_preview_enabled=True,  # with the default blacklist
             media_storage_s3={
-                "bucket": BUCKET, "endpoint_url": endpoint, "region_name": "us-east-1",
+                "bucket": BUCKET,
+                "endpoint_url": endpoint,
+                "region_name": "us-east-1",
                 "access_key_id": CREDENTIALS["aws_access_key_id"],
                 "secret_access_key": CREDENTIALS["aws_secret_access_key"],
-                "prefix": "hs/", "addressing_style": "path",
+                "prefix": "hs/",
+                "addressing_style": "path",
             },
         )
         yield server, s3
@@ -126,16 +134,25 @@ def test_s3_round_trip(s3_server):
         [content] = objects(s3, "hs/content/")
         assert s3.get_object(Bucket=BUCKET, Key=content)["Body"].read() == png
 
-        status, headers, body = await raw(server, "GET", f"{CLIENT_MEDIA}/download/{target}",
-                                          alice.access_token)
+        status, headers, body = await raw(
+            server, "GET", f"{CLIENT_MEDIA}/download/{target}", alice.access_token
+        )
         assert (status, body) == (200, png)
         assert headers["content-disposition"] == 'inline; filename="s3.png"'
-        status, _, body = await raw(server, "GET", f"{CLIENT_MEDIA}/download/{target}",
-                                    alice.access_token, headers={"Range": "bytes=10-19"})
+        status, _, body = await raw(
+            server,
+            "GET",
+            f"{CLIENT_MEDIA}/download/{target}",
+            alice.access_token,
+            headers={"Range": "bytes=10-19"},
+        )
         assert (status, body) == (206, png[10:20])
         status, _, body = await raw(
-            server, "GET", f"{CLIENT_MEDIA}/thumbnail/{target}?width=96&height=96&method=crop",
-            alice.access_token)
+            server,
+            "GET",
+            f"{CLIENT_MEDIA}/thumbnail/{target}?width=96&height=96&method=crop",
+            alice.access_token,
+        )
         assert status == 200 and decode(body).size == (96, 96)
         assert objects(s3, "hs/thumbnails/")
         # Nothing but the upload spool on local disk.
@@ -145,8 +162,9 @@ def test_s3_round_trip(s3_server):
         status, _, _ = await raw(server, "DELETE", f"{ADMIN}/media/{target}", admin.access_token)
         assert status == 200
         assert objects(s3, "hs/content/") == [] and objects(s3, "hs/thumbnails/") == []
-        status, _, _ = await raw(server, "GET", f"{CLIENT_MEDIA}/download/{target}",
-                                 alice.access_token)
+        status, _, _ = await raw(
+            server, "GET", f"{CLIENT_MEDIA}/download/{target}", alice.access_token
+        )
         assert status == 404
         await close(alice, admin)
 
@@ -187,14 +205,16 @@ def restarted(tmp_path_factory):
         server.stop()
         overrides = directory / "overrides.yaml"
         config = yaml.safe_load(overrides.read_text())
-        config.update({
-            "enable_authenticated_media": True,
-            "media_upload_limits": [{"time_period": "1h", "max_size": "300K"}],
-            "url_preview_enabled": True,
-            "url_preview_ip_range_whitelist": ["127.0.0.1/32"],
-            "url_preview_url_blacklist": [{"path": "/blocked*"}],
-            "max_spider_size": "200K",
-        })
+        config.update(
+            {
+                "enable_authenticated_media": True,
+                "media_upload_limits": [{"time_period": "1h", "max_size": "300K"}],
+                "url_preview_enabled": True,
+                "url_preview_ip_range_whitelist": ["127.0.0.1/32"],
+                "url_preview_url_blacklist": [{"path": "/blocked*"}],
+                "max_spider_size": "200K",
+            }
+        )
         overrides.write_text(yaml.safe_dump(config))
         server.start()
         yield server, old_mxc
@@ -211,14 +231,20 @@ def test_legacy_endpoints_serve_only_media_from_before_the_cut_over(restarted):
         for prefix in (MEDIA, "/_matrix/media/r0"):
             status, headers, _ = await raw(server, "GET", f"{prefix}/download/{old}")
             assert status == 200 and headers["content-disposition"] == 'inline; filename="old.png"'
-            status, _, body = await raw(server, "GET", f"{prefix}/thumbnail/{old}?width=32&height=32")
+            status, _, body = await raw(
+                server, "GET", f"{prefix}/thumbnail/{old}?width=32&height=32"
+            )
             assert status == 200 and decode(body).size[0] <= 100
-            for path in (f"{prefix}/download/{new}", f"{prefix}/thumbnail/{new}?width=32&height=32"):
+            for path in (
+                f"{prefix}/download/{new}",
+                f"{prefix}/thumbnail/{new}?width=32&height=32",
+            ):
                 status, _, body = await raw(server, "GET", path)
                 assert (status, errcode(body)) == (404, "M_NOT_FOUND"), path
         for target in (old, new):
-            status, _, _ = await raw(server, "GET", f"{CLIENT_MEDIA}/download/{target}",
-                                     alice.access_token)
+            status, _, _ = await raw(
+                server, "GET", f"{CLIENT_MEDIA}/download/{target}", alice.access_token
+            )
             assert status == 200
         await close(alice)
 
@@ -231,8 +257,9 @@ def test_upload_quota(restarted):
     async def scenario() -> None:
         user = await register(server)
         await upload(server, user, b"a" * 200_000)
-        status, _, body = await raw(server, "POST", f"{MEDIA}/upload", user.access_token,
-                                    b"b" * 200_000)
+        status, _, body = await raw(
+            server, "POST", f"{MEDIA}/upload", user.access_token, b"b" * 200_000
+        )
         assert (status, errcode(body)) == (403, "M_FORBIDDEN")
         await upload(server, user, b"c" * 100_000)  # 300K in all: just fits
         other = await register(server)  # quotas are per user
@@ -258,7 +285,8 @@ def test_previews_when_allowed(restarted):
             assert og["matrix:image:size"] == len(pages.image)
             server_name, media_id = mxc_parts(og["og:image"])
             status, _, body = await raw(
-                server, "GET", f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}", token)
+                server, "GET", f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}", token
+            )
             assert (status, body) == (200, pages.image)
 
             status, og = await preview(server, token, pages.url("/plain"))
@@ -266,15 +294,18 @@ def test_previews_when_allowed(restarted):
             status, og = await preview(server, token, pages.url("/pic.png"))
             assert status == 200 and og["og:image"].startswith("mxc://")
             status, og = await preview(
-                server, token, pages.url("/redirect?to=" + quote(pages.url("/plain"), safe="")))
+                server, token, pages.url("/redirect?to=" + quote(pages.url("/plain"), safe=""))
+            )
             assert (status, og) == (200, {"og:title": "Just a title"})
 
             for url, expected in [
                 (pages.url("/big"), (502, "M_TOO_LARGE")),  # over max_spider_size
                 (pages.url("/blocked-page"), (403, "M_FORBIDDEN")),  # url_preview_url_blacklist
                 (pages.url("/page", "127.0.0.2"), (403, "M_FORBIDDEN")),  # not whitelisted
-                (pages.url("/redirect?to=" + quote(pages.url("/plain", "10.0.0.1"), safe="")),
-                 (403, "M_FORBIDDEN")),  # a redirect to a blocked address
+                (
+                    pages.url("/redirect?to=" + quote(pages.url("/plain", "10.0.0.1"), safe="")),
+                    (403, "M_FORBIDDEN"),
+                ),  # a redirect to a blocked address
             ]:
                 status, body = await preview(server, token, url)
                 assert (status, body.get("errcode")) == expected, (url, body)

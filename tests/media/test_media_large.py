@@ -53,15 +53,20 @@ def test_200_mb_round_trip_in_constant_memory(tmp_path):
 
         async def scenario() -> None:
             alice = await register(server)
-            headers = {"Authorization": f"Bearer {alice.access_token}",
-                       "Content-Type": "application/octet-stream"}
+            headers = {
+                "Authorization": f"Bearer {alice.access_token}",
+                "Content-Type": "application/octet-stream",
+            }
             before = peak_rss_kib(pid)
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 started = time.monotonic()
                 with open(big, "rb") as f:
-                    async with session.post(server.base_url + f"{MEDIA}/upload?filename=big.bin",
-                                            data=f, headers=headers) as response:
+                    async with session.post(
+                        server.base_url + f"{MEDIA}/upload?filename=big.bin",
+                        data=f,
+                        headers=headers,
+                    ) as response:
                         body = await response.read()
                         assert response.status == 200, body
                 upload_s = time.monotonic() - started
@@ -81,8 +86,10 @@ def test_200_mb_round_trip_in_constant_memory(tmp_path):
                 download_s = time.monotonic() - started
             assert received == SIZE and digest.hexdigest() == expected
             growth = peak_rss_kib(pid) - before
-            print(f"upload {SIZE / upload_s / 1e6:.0f} MB/s, download {SIZE / download_s / 1e6:.0f}"
-                  f" MB/s, peak RSS growth {growth / 1024:.1f} MiB")
+            print(
+                f"upload {SIZE / upload_s / 1e6:.0f} MB/s, download {SIZE / download_s / 1e6:.0f}"
+                f" MB/s, peak RSS growth {growth / 1024:.1f} MiB"
+            )
             assert growth < MAX_GROWTH_KIB, f"peak RSS grew by {growth} KiB"
             await close(alice)
 

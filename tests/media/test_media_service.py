@@ -27,7 +27,9 @@ class MediaServiceTestsMixin:
         self.stack = ExitStack()
         directory = Path(self.stack.enter_context(tempfile.TemporaryDirectory()))
         self.hs = make_homeserver(
-            self.stack, directory, self.engine,
+            self.stack,
+            directory,
+            self.engine,
             media_retention={"local_media_lifetime": "30d"},
             media_upload_limits=[{"time_period": "1d", "max_size": "1K"}],
         )
@@ -73,6 +75,7 @@ class MediaServiceTestsMixin:
                 await self.media.get_media(self.hs.server_name, second)
             self.assertEqual(e.exception.errcode, "M_NOT_FOUND")
             self.assertIsNotNone(await self.media.get_media(self.hs.server_name, other))
+
         return defer.ensureDeferred(go())
 
     def test_quota_counts_the_period(self):
@@ -85,6 +88,7 @@ class MediaServiceTestsMixin:
             # Nothing of the refused upload is left behind.
             self.assertFalse(self._stored(b"y" * 600))
             self.assertEqual(os.listdir(self.media.tmp_dir), [])
+
         return defer.ensureDeferred(go())
 
     def test_retention_and_expiry_run_on_the_clock(self):
@@ -99,7 +103,8 @@ class MediaServiceTestsMixin:
             fake.advance(time.time() + 40 * DAY_MS / 1000)  # 40 days from now
             now_ms = int(fake.seconds() * 1000)
             await self.media.store.update_last_access(
-                [(self.hs.server_name, used, now_ms - 2 * DAY_MS)])
+                [(self.hs.server_name, used, now_ms - 2 * DAY_MS)]
+            )
             self.media.start(clock=Clock(fake))
             job = self.media.maintenance
             self.assertIsNone(job.last_run)
@@ -122,6 +127,7 @@ class MediaServiceTestsMixin:
             await job.last_run
             self.assertEqual(job.runs, 2)
             self.assertIsNone(await store.get_media(name, used))
+
         return defer.ensureDeferred(go())
 
 
@@ -142,12 +148,23 @@ class S3StorageTests(unittest.TestCase):
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
         host, port = self.moto.get_host_and_port()
-        settings = {"bucket": "unit-bucket", "endpoint_url": f"http://{host}:{port}",
-                    "region_name": "eu-west-1", "access_key_id": "k", "secret_access_key": "s",
-                    "prefix": "p/"}
-        boto3.client("s3", endpoint_url=settings["endpoint_url"], region_name="eu-west-1",
-                     aws_access_key_id="k", aws_secret_access_key="s").create_bucket(
-            Bucket="unit-bucket", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        settings = {
+            "bucket": "unit-bucket",
+            "endpoint_url": f"http://{host}:{port}",
+            "region_name": "eu-west-1",
+            "access_key_id": "k",
+            "secret_access_key": "s",
+            "prefix": "p/",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=settings["endpoint_url"],
+            region_name="eu-west-1",
+            aws_access_key_id="k",
+            aws_secret_access_key="s",
+        ).create_bucket(
+            Bucket="unit-bucket", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
         self.tmp = tempfile.mkdtemp()
         self.storage = S3MediaStorage(reactor, settings, self.tmp)
 
@@ -185,4 +202,5 @@ class S3StorageTests(unittest.TestCase):
                 await s.open("content/aa/bb/one")
             with self.assertRaises(MediaNotStored):
                 await s.local_copy("content/aa/bb/one")
+
         return defer.ensureDeferred(go())

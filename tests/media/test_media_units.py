@@ -47,9 +47,16 @@ def sizes(thumbs) -> list[tuple[int, int]]:
 # --- thumbnails ---------------------------------------------------------------------------
 def test_crop_is_exact_and_scale_fits_inside(tmp_path):
     path = write(tmp_path, "a.png", image_bytes(400, 300))
-    thumbs = make_thumbnails(path, [ThumbnailSpec(96, 96, "crop"), ThumbnailSpec(100, 30, "crop"),
-                                    ThumbnailSpec(320, 240, "scale"),
-                                    ThumbnailSpec(100, 100, "scale")], 32 * MILLION)
+    thumbs = make_thumbnails(
+        path,
+        [
+            ThumbnailSpec(96, 96, "crop"),
+            ThumbnailSpec(100, 30, "crop"),
+            ThumbnailSpec(320, 240, "scale"),
+            ThumbnailSpec(100, 100, "scale"),
+        ],
+        32 * MILLION,
+    )
     assert sizes(thumbs) == [(96, 96), (100, 30), (320, 240), (100, 75)]
     for t in thumbs:
         assert t.content_type == "image/png"
@@ -58,8 +65,15 @@ def test_crop_is_exact_and_scale_fits_inside(tmp_path):
 
 def test_never_upscales(tmp_path):
     path = write(tmp_path, "small.png", image_bytes(20, 10))
-    thumbs = make_thumbnails(path, [ThumbnailSpec(96, 96, "crop"), ThumbnailSpec(320, 240, "scale"),
-                                    ThumbnailSpec(40, 10, "crop")], 32 * MILLION)
+    thumbs = make_thumbnails(
+        path,
+        [
+            ThumbnailSpec(96, 96, "crop"),
+            ThumbnailSpec(320, 240, "scale"),
+            ThumbnailSpec(40, 10, "crop"),
+        ],
+        32 * MILLION,
+    )
     # crop keeps the box's aspect ratio at the image's own resolution
     assert sizes(thumbs) == [(10, 10), (20, 10), (20, 5)]
 
@@ -77,8 +91,10 @@ def test_animated_gif_is_static_unless_asked(tmp_path):
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
     path = write(tmp_path, "a.gif", out.getvalue())
     static, animated = make_thumbnails(
-        path, [ThumbnailSpec(32, 32, "crop"), ThumbnailSpec(32, 32, "crop", animated=True)],
-        32 * MILLION)
+        path,
+        [ThumbnailSpec(32, 32, "crop"), ThumbnailSpec(32, 32, "crop", animated=True)],
+        32 * MILLION,
+    )
     assert static.content_type == "image/png" and not static.animated
     assert not getattr(Image.open(io.BytesIO(static.data)), "is_animated", False)
     assert animated.content_type == "image/webp" and animated.animated
@@ -99,11 +115,15 @@ def test_pixel_bombs_are_never_decoded(tmp_path):
 
 
 def test_not_images_are_refused(tmp_path):
-    for name, data in [("a.png", b"not a png at all"), ("a.html", b"<html></html>"),
-                       ("a.bmp", _bmp())]:
+    for name, data in [
+        ("a.png", b"not a png at all"),
+        ("a.html", b"<html></html>"),
+        ("a.bmp", _bmp()),
+    ]:
         with pytest.raises(CannotThumbnail):
-            make_thumbnails(write(tmp_path, name, data), [ThumbnailSpec(32, 32, "crop")],
-                            32 * MILLION)
+            make_thumbnails(
+                write(tmp_path, name, data), [ThumbnailSpec(32, 32, "crop")], 32 * MILLION
+            )
 
 
 def _bmp() -> bytes:
@@ -120,25 +140,30 @@ def test_choose_spec():
     assert choose_spec(700, 500, "scale", DEFAULT_SPECS, False) == ThumbnailSpec(800, 600, "scale")
     # Larger than all: made on demand, rounded up to a multiple of 32.
     assert choose_spec(100, 50, "crop", DEFAULT_SPECS, False) == ThumbnailSpec(128, 64, "crop")
-    assert choose_spec(5000, 900, "scale", DEFAULT_SPECS, False) == ThumbnailSpec(2048, 928, "scale")
+    assert choose_spec(5000, 900, "scale", DEFAULT_SPECS, False) == ThumbnailSpec(
+        2048, 928, "scale"
+    )
     # dynamic_thumbnails: exactly what was asked.
     assert choose_spec(50, 50, "crop", DEFAULT_SPECS, True) == ThumbnailSpec(50, 50, "crop")
 
 
 # --- headers, names, ranges ----------------------------------------------------------------
-@pytest.mark.parametrize(("content_type", "name", "expected"), [
-    ("image/png", "a.png", b'inline; filename="a.png"'),
-    ("IMAGE/PNG; foo=bar", None, b"inline"),
-    ("text/html", "x.html", b'attachment; filename="x.html"'),
-    ("image/svg+xml", "x.svg", b'attachment; filename="x.svg"'),
-    ("application/pdf", "a b.pdf", b'attachment; filename="a b.pdf"'),
-    (None, "x", b'attachment; filename="x"'),
-    ("text/plain", 'say "hi".txt', b"inline; filename*=utf-8''say%20%22hi%22.txt"),
-    ("text/plain", "ünï.txt", b"inline; filename*=utf-8''%C3%BCn%C3%AF.txt"),
-    ("text/plain", "a\r\nSet-Cookie: x.txt", b'inline; filename="aSet-Cookie: x.txt"'),
-    ("text/plain", "C:\\Users\\me\\secret.txt", b'inline; filename="secret.txt"'),
-    ("text/plain", "..", b"inline"),
-])
+@pytest.mark.parametrize(
+    ("content_type", "name", "expected"),
+    [
+        ("image/png", "a.png", b'inline; filename="a.png"'),
+        ("IMAGE/PNG; foo=bar", None, b"inline"),
+        ("text/html", "x.html", b'attachment; filename="x.html"'),
+        ("image/svg+xml", "x.svg", b'attachment; filename="x.svg"'),
+        ("application/pdf", "a b.pdf", b'attachment; filename="a b.pdf"'),
+        (None, "x", b'attachment; filename="x"'),
+        ("text/plain", 'say "hi".txt', b"inline; filename*=utf-8''say%20%22hi%22.txt"),
+        ("text/plain", "ünï.txt", b"inline; filename*=utf-8''%C3%BCn%C3%AF.txt"),
+        ("text/plain", "a\r\nSet-Cookie: x.txt", b'inline; filename="aSet-Cookie: x.txt"'),
+        ("text/plain", "C:\\Users\\me\\secret.txt", b'inline; filename="secret.txt"'),
+        ("text/plain", "..", b"inline"),
+    ],
+)
 def test_content_disposition(content_type, name, expected):
     assert content_disposition(content_type, name) == expected
 
@@ -170,8 +195,17 @@ def test_parse_range():
 # --- URL previews -----------------------------------------------------------------------------
 def test_address_policy():
     default = AddressPolicy(DEFAULT_IP_RANGE_BLOCKLIST, [])
-    for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1",
-                    "::ffff:127.0.0.1", "fe80::1", "fc00::5", "0.0.0.0"):
+    for address in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "169.254.169.254",
+        "::1",
+        "::ffff:127.0.0.1",
+        "fe80::1",
+        "fc00::5",
+        "0.0.0.0",
+    ):
         assert default.blocked(address), address
     assert not default.blocked("93.184.216.34")
     assert not default.blocked("2606:2800:220:1::1")
@@ -181,8 +215,12 @@ def test_address_policy():
 
 
 def test_url_blacklist():
-    rules = [{"netloc": "*.evil.example"}, {"scheme": "http", "netloc": "plain.example"},
-             {"path": "^/private/"}, {"username": "*"}]
+    rules = [
+        {"netloc": "*.evil.example"},
+        {"scheme": "http", "netloc": "plain.example"},
+        {"path": "^/private/"},
+        {"username": "*"},
+    ]
     assert url_blacklisted("https://a.evil.example/x", rules)
     assert url_blacklisted("http://plain.example/", rules)
     assert not url_blacklisted("https://plain.example/", rules)
@@ -198,10 +236,17 @@ def test_open_graph_parsing():
       <meta property="og:image" content="/img/pic.png"><meta name="description" content="desc">
       <meta property="og:site_name" content="Site"></head><body><img src="other.png"></body></html>"""
     og = parse_open_graph(page, "text/html", "https://example.org/a/page")
-    assert og == {"og:title": "The & Title", "og:image": "https://example.org/img/pic.png",
-                  "og:site_name": "Site", "og:description": "desc"}
-    og = parse_open_graph("<title>Naïve</title><img src='x.png'>".encode("latin-1"),
-                          "text/html; charset=iso-8859-1", "https://example.org/")
+    assert og == {
+        "og:title": "The & Title",
+        "og:image": "https://example.org/img/pic.png",
+        "og:site_name": "Site",
+        "og:description": "desc",
+    }
+    og = parse_open_graph(
+        "<title>Naïve</title><img src='x.png'>".encode("latin-1"),
+        "text/html; charset=iso-8859-1",
+        "https://example.org/",
+    )
     assert og == {"og:title": "Naïve", "og:image": "https://example.org/x.png"}
 
 

@@ -39,7 +39,7 @@ from cryptography.x509.oid import NameOID
 from crypto.keys import generate_signing_key, write_signing_keys
 from tests.support.clients import E2E_CONFIG
 from tests.support.http import request
-from tests.support.server import RunningServer, free_port, write_config
+from tests.support.server import REPO, RunningServer, free_port, write_config
 
 NO_LIMIT = {"per_second": 100000, "burst_count": 100000}
 
@@ -296,7 +296,8 @@ def _ensure_synapse_installed() -> None:
     try:
         import synapse  # noqa: F401
     except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "matrix-synapse[test]"], check=True)
+        # matrix-synapse is in the project's test extra.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-e", f"{REPO}[test]"], check=True)
 
 
 def start_synapse(directory: Path, **overrides: Any) -> SynapseServer:

@@ -46,8 +46,18 @@ CACHE_SECONDS = 3600
 CACHE_ENTRIES = 1000
 USER_AGENT = b"Mozilla/5.0 (compatible; homeserver URL preview)"
 _MAX_TEXT = {"og:title": 300, "og:description": 1000}
-_URL_PARTS = ("scheme", "netloc", "username", "password", "hostname", "port", "path", "query",
-              "fragment", "params")
+_URL_PARTS = (
+    "scheme",
+    "netloc",
+    "username",
+    "password",
+    "hostname",
+    "port",
+    "path",
+    "query",
+    "fragment",
+    "params",
+)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 
 # (image bytes, content type, file name) -> (mxc URI, width, height)
@@ -93,10 +103,16 @@ def url_blacklisted(url: str, rules: list[dict[str, str]]) -> bool:
     """Synapse's url_preview_url_blacklist: a rule matches when all of its parts match."""
     parts = urlsplit(url)
     values = {
-        "scheme": parts.scheme, "netloc": parts.netloc, "username": parts.username,
-        "password": parts.password, "hostname": parts.hostname,
-        "port": str(parts.port) if parts.port else None, "path": parts.path,
-        "query": parts.query, "fragment": parts.fragment, "params": "",
+        "scheme": parts.scheme,
+        "netloc": parts.netloc,
+        "username": parts.username,
+        "password": parts.password,
+        "hostname": parts.hostname,
+        "port": str(parts.port) if parts.port else None,
+        "path": parts.path,
+        "query": parts.query,
+        "fragment": parts.fragment,
+        "params": "",
     }
     for rule in rules:
         matched = True
@@ -292,12 +308,21 @@ class UrlPreviewer:
             await self._attach_image(og, page)
         elif base in ("text/html", "application/xhtml+xml"):
             og = await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(),
-                parse_open_graph, page.body, page.content_type, page.url,
+                self._reactor,
+                self._reactor.getThreadPool(),
+                parse_open_graph,
+                page.body,
+                page.content_type,
+                page.url,
             )
             image_url = og.pop("og:image", None)
-            for key in ("og:image:width", "og:image:height", "og:image:type",
-                        "og:image:secure_url", "og:image:url"):
+            for key in (
+                "og:image:width",
+                "og:image:height",
+                "og:image:type",
+                "og:image:secure_url",
+                "og:image:url",
+            ):
                 og.pop(key, None)
             if isinstance(image_url, str) and urlsplit(image_url).scheme in ("http", "https"):
                 try:
@@ -350,8 +375,13 @@ class UrlPreviewer:
             pass
         try:
             infos = await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(),
-                socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM,
+                self._reactor,
+                self._reactor.getThreadPool(),
+                socket.getaddrinfo,
+                host,
+                port,
+                0,
+                socket.SOCK_STREAM,
             )
         except OSError:
             raise MatrixError("M_UNKNOWN", f"Could not resolve {host}", 502) from None
@@ -382,13 +412,16 @@ class UrlPreviewer:
                 raise MatrixError("M_UNKNOWN", f"Could not resolve {host}", 502)
             if any(self.policy.blocked(a) for a in addresses):
                 raise MatrixError(
-                    "M_FORBIDDEN", "URL refers to a blocked address (url_preview_ip_range_blacklist)"
+                    "M_FORBIDDEN",
+                    "URL refers to a blocked address (url_preview_ip_range_blacklist)",
                 )
             pool = HTTPConnectionPool(self._reactor, persistent=False)
             agent = Agent.usingEndpointFactory(
                 self._reactor, _PinnedEndpoints(self._reactor, addresses[0]), pool=pool
             )
-            headers = Headers({b"User-Agent": [USER_AGENT], b"Accept": [b"text/html, image/*;q=0.9, */*;q=0.1"]})
+            headers = Headers(
+                {b"User-Agent": [USER_AGENT], b"Accept": [b"text/html, image/*;q=0.9, */*;q=0.1"]}
+            )
             try:
                 response = await agent.request(b"GET", url.encode("ascii", "strict"), headers)
             except UnicodeEncodeError:
@@ -423,7 +456,9 @@ class UrlPreviewer:
         except _TooLarge:
             if discard:
                 return b""
-            raise MatrixError("M_TOO_LARGE", "The page is larger than max_spider_size", 502) from None
+            raise MatrixError(
+                "M_TOO_LARGE", "The page is larger than max_spider_size", 502
+            ) from None
         except defer.CancelledError:
             raise
         except Exception as e:

@@ -32,13 +32,36 @@ CONTENT_SECURITY_POLICY = (
 )
 
 # Spec "Serving inline content": types that may be served inline.
-INLINE_CONTENT_TYPES = frozenset({
-    "text/css", "text/plain", "text/csv", "application/json", "application/ld+json",
-    "image/jpeg", "image/gif", "image/png", "image/apng", "image/webp", "image/avif",
-    "video/mp4", "video/webm", "video/ogg", "video/quicktime",
-    "audio/mp4", "audio/webm", "audio/aac", "audio/mpeg", "audio/ogg", "audio/wave",
-    "audio/wav", "audio/x-wav", "audio/x-pn-wav", "audio/flac", "audio/x-flac",
-})
+INLINE_CONTENT_TYPES = frozenset(
+    {
+        "text/css",
+        "text/plain",
+        "text/csv",
+        "application/json",
+        "application/ld+json",
+        "image/jpeg",
+        "image/gif",
+        "image/png",
+        "image/apng",
+        "image/webp",
+        "image/avif",
+        "video/mp4",
+        "video/webm",
+        "video/ogg",
+        "video/quicktime",
+        "audio/mp4",
+        "audio/webm",
+        "audio/aac",
+        "audio/mpeg",
+        "audio/ogg",
+        "audio/wave",
+        "audio/wav",
+        "audio/x-wav",
+        "audio/x-pn-wav",
+        "audio/flac",
+        "audio/x-flac",
+    }
+)
 
 # RFC 5987 attr-char, besides what quote() always keeps (letters, digits, "_.-~").
 _ATTR_CHARS = "!#$&+^`|"
@@ -80,8 +103,9 @@ def sanitise_filename(name: str | None) -> str | None:
     return name[:255] or None
 
 
-def content_disposition(content_type: str | None, filename: str | None,
-                        inline: bool | None = None) -> bytes:
+def content_disposition(
+    content_type: str | None, filename: str | None, inline: bool | None = None
+) -> bytes:
     """``inline`` for the spec's safe types, ``attachment`` otherwise, with the file name.
 
     Plain ASCII names go in ``filename="..."``; anything else in RFC 5987's
@@ -144,8 +168,9 @@ def parse_range(header: bytes | str | None, size: int) -> tuple[int, int] | None
 class MediaProducer:
     """Copies ``length`` bytes from a blocking reader to a request, chunk by chunk."""
 
-    def __init__(self, reactor: Any, request: Any, reader: MediaReader, length: int,
-                 suffix: bytes = b"") -> None:
+    def __init__(
+        self, reactor: Any, request: Any, reader: MediaReader, length: int, suffix: bytes = b""
+    ) -> None:
         self._reactor = reactor
         self._request = request
         self._reader = reader
@@ -186,7 +211,9 @@ class MediaProducer:
             return
         self._reading = True
         d = threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._reader.read,
+            self._reactor,
+            self._reactor.getThreadPool(),
+            self._reader.read,
             min(CHUNK_SIZE, self._remaining),
         )
         d.addCallbacks(self._got, self._read_failed)
@@ -245,8 +272,14 @@ class MediaProducer:
                 logger.exception("closing a media reader failed")
 
 
-async def stream_body(reactor: Any, request: Any, reader: MediaReader | None, length: int,
-                      prefix: bytes = b"", suffix: bytes = b"") -> None:
+async def stream_body(
+    reactor: Any,
+    request: Any,
+    reader: MediaReader | None,
+    length: int,
+    prefix: bytes = b"",
+    suffix: bytes = b"",
+) -> None:
     """Send prefix, ``length`` bytes of ``reader``, suffix; finish the request.
 
     Headers (with Content-Length) must already be set. HEAD requests get the

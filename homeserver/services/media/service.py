@@ -147,13 +147,16 @@ class PeriodicJob:
         self.interval = interval
         self._func = func
         self._call: Any = None
+        self._stopped = False
         self.last_run: defer.Deferred[Any] | None = None
         self.runs = 0
 
     def start(self) -> None:
+        self._stopped = False
         self._call = self.clock.call_later(self.interval, self._run)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -161,15 +164,14 @@ class PeriodicJob:
     def _run(self) -> None:
         self._call = None
         d = defer.ensureDeferred(self._func())
-        d.addErrback(lambda f: logger.error("media maintenance failed: %s", f.getTraceback()))
-
-        def again(_: Any) -> None:
-            self.runs += 1
-            if self._call is None and self.last_run is d:
-                self._call = self.clock.call_later(self.interval, self._run)
-
-        d.addBoth(again)
         self.last_run = d
+        d.addErrback(lambda f: logger.error("media maintenance failed: %s", f.getTraceback()))
+        d.addBoth(self._again, d)
+
+    def _again(self, _: Any, run: "defer.Deferred[Any]") -> None:
+        self.runs += 1
+        if not self._stopped and self._call is None and self.last_run is run:
+            self._call = self.clock.call_later(self.interval, self._run)
 
 
 @attrs.frozen
@@ -199,7 +201,10 @@ class MediaService:
             for limit in config["media_upload_limits"] or []
         ]
         retention = config["media_retention"] or {}
-        local, remote = retention.get("local_media_lifetime"), retention.get("remote_media_lifetime")
+        local, remote = (
+            retention.get("local_media_lifetime"),
+            retention.get("remote_media_lifetime"),
+        )
         self.local_media_lifetime_ms = parse_duration_ms(local) if local else None
         self.remote_media_lifetime_ms = parse_duration_ms(remote) if remote else None
         self.store_path = config["media_store_path"]
@@ -207,7 +212,8 @@ class MediaService:
         os.makedirs(self.tmp_dir, exist_ok=True)
         s3 = config.get("media_storage_s3")
         self.storage: MediaStorage = (
-            S3MediaStorage(hs.reactor, s3, self.tmp_dir) if s3
+            S3MediaStorage(hs.reactor, s3, self.tmp_dir)
+            if s3
             else LocalMediaStorage(hs.reactor, self.store_path)
         )
         self._create_limiter = ratelimiter_from_config(hs.clock, config["rc_media_create"])
@@ -240,7 +246,8 @@ class MediaService:
         self._remove_stale_spool_files()
         job_clock = clock or self._clock
         self.maintenance = PeriodicJob(
-            job_clock, MAINTENANCE_INTERVAL_SECONDS,
+            job_clock,
+            MAINTENANCE_INTERVAL_SECONDS,
             lambda: self.run_maintenance(job_clock.time_msec()),
         )
         self.maintenance.start()
@@ -281,18 +288,26 @@ class MediaService:
         except OSError:
             raise MatrixError("M_UNKNOWN", "Upload body not received") from None
 
-    async def upload(self, user_id: str, sink: Any, content_type: str | None,
-                     filename: str | None) -> str:
+    async def upload(
+        self, user_id: str, sink: Any, content_type: str | None, filename: str | None
+    ) -> str:
         """POST /upload: store the body; returns its mxc:// URI."""
         upload = self._claim(sink)
         try:
             await self._check_quota(user_id, upload.length)
             record = MediaRecord(
-                origin=self.server_name, media_id=_new_media_id(), user_id=user_id,
+                origin=self.server_name,
+                media_id=_new_media_id(),
+                user_id=user_id,
                 media_type=_clean_content_type(content_type),
-                upload_name=_clean_upload_name(filename), media_length=upload.length,
-                sha256=upload.sha256, created_ts=self._clock.time_msec(), unused_expires_ts=None,
-                last_access_ts=None, quarantined_by=None, safe_from_quarantine=False,
+                upload_name=_clean_upload_name(filename),
+                media_length=upload.length,
+                sha256=upload.sha256,
+                created_ts=self._clock.time_msec(),
+                unused_expires_ts=None,
+                last_access_ts=None,
+                quarantined_by=None,
+                safe_from_quarantine=False,
                 authenticated=self.authenticated_media,
             )
             await self._store(upload, record)
@@ -307,7 +322,8 @@ class MediaService:
         now = self._clock.time_msec()
         if await self.store.count_pending(user_id, now) >= self.max_pending_uploads:
             raise MatrixError(
-                "M_LIMIT_EXCEEDED", "Too many pending media uploads",
+                "M_LIMIT_EXCEEDED",
+                "Too many pending media uploads",
                 retry_after_ms=60_000,
             )
         media_id = _new_media_id()
@@ -317,8 +333,15 @@ class MediaService:
         )
         return {"content_uri": f"mxc://{self.server_name}/{media_id}", "unused_expires_at": expires}
 
-    async def upload_to(self, user_id: str, server_name: str, media_id: str, sink: Any,
-                        content_type: str | None, filename: str | None) -> None:
+    async def upload_to(
+        self,
+        user_id: str,
+        server_name: str,
+        media_id: str,
+        sink: Any,
+        content_type: str | None,
+        filename: str | None,
+    ) -> None:
         """PUT /upload/{serverName}/{mediaId}: the content of an id made by /create."""
         upload = self._claim(sink)
         try:
@@ -330,9 +353,13 @@ class MediaService:
             await self._check_quota(user_id, upload.length)
             assert existing is not None
             record = attrs.evolve(
-                existing, media_type=_clean_content_type(content_type),
-                upload_name=_clean_upload_name(filename), media_length=upload.length,
-                sha256=upload.sha256, created_ts=now, unused_expires_ts=None,
+                existing,
+                media_type=_clean_content_type(content_type),
+                upload_name=_clean_upload_name(filename),
+                media_length=upload.length,
+                sha256=upload.sha256,
+                created_ts=now,
+                unused_expires_ts=None,
             )
             before = await self._store(upload, record, replace_pending=True)
             if before is not None:  # lost a race with another PUT or with expiry
@@ -344,9 +371,7 @@ class MediaService:
 
     @staticmethod
     def _check_pending(existing: MediaRecord | None, user_id: str, now: int) -> None:
-        if existing is None or (
-            not existing.uploaded and (existing.unused_expires_ts or 0) <= now
-        ):
+        if existing is None or (not existing.uploaded and (existing.unused_expires_ts or 0) <= now):
             raise not_found("Unknown media ID")
         if existing.user_id != user_id:
             raise MatrixError("M_FORBIDDEN", "This media ID was created by another user")
@@ -365,8 +390,9 @@ class MediaService:
     def _hash_lock(self, sha256: str) -> "_HashLock":
         return _HashLock(self._hash_locks, sha256)
 
-    async def _store(self, upload: ClaimedUpload, record: MediaRecord,
-                     replace_pending: bool = False) -> MediaRecord | None:
+    async def _store(
+        self, upload: ClaimedUpload, record: MediaRecord, replace_pending: bool = False
+    ) -> MediaRecord | None:
         """Put the bytes (once per hash) and record the media id, under the hash's lock."""
         async with self._hash_lock(upload.sha256):
             known = await self.store.content_known(upload.sha256)
@@ -393,8 +419,14 @@ class MediaService:
             d2.addErrback(lambda f: logger.error("thumbnailing failed: %s", f.getTraceback()))
 
     # --- downloads ------------------------------------------------------------------
-    async def get_media(self, server_name: str, media_id: str, *, legacy: bool = False,
-                        timeout_ms: int | None = None) -> MediaRecord:
+    async def get_media(
+        self,
+        server_name: str,
+        media_id: str,
+        *,
+        legacy: bool = False,
+        timeout_ms: int | None = None,
+    ) -> MediaRecord:
         """The uploaded media behind an mxc:// URI, or 404 (504 if it never arrives).
 
         ``legacy``: for the unauthenticated endpoints, which only serve media
@@ -458,14 +490,20 @@ class MediaService:
             raise MatrixError("M_NOT_YET_UPLOADED", "Content has not yet been uploaded")
         return fresh
 
-    async def open_content(self, record: MediaRecord, offset: int = 0,
-                           length: int | None = None) -> MediaReader:
+    async def open_content(
+        self, record: MediaRecord, offset: int = 0, length: int | None = None
+    ) -> MediaReader:
         assert record.sha256 is not None
         try:
             return await self.storage.open(content_key(record.sha256), offset, length)
         except MediaNotStored:
-            logger.error("content of mxc://%s/%s (%s) is missing from the %s store",
-                         record.origin, record.media_id, record.sha256, self.storage.name)
+            logger.error(
+                "content of mxc://%s/%s (%s) is missing from the %s store",
+                record.origin,
+                record.media_id,
+                record.sha256,
+                self.storage.name,
+            )
             raise not_found() from None
 
     def _note_access(self, record: MediaRecord) -> None:
@@ -498,9 +536,18 @@ class MediaService:
         return d
 
     # --- thumbnails -----------------------------------------------------------------
-    async def get_thumbnail(self, server_name: str, media_id: str, width: int, height: int,
-                            method: str, animated: bool, *, legacy: bool = False,
-                            timeout_ms: int | None = None) -> ThumbnailRecord:
+    async def get_thumbnail(
+        self,
+        server_name: str,
+        media_id: str,
+        width: int,
+        height: int,
+        method: str,
+        animated: bool,
+        *,
+        legacy: bool = False,
+        timeout_ms: int | None = None,
+    ) -> ThumbnailRecord:
         if width < 1 or height < 1:
             raise MatrixError("M_INVALID_PARAM", "width and height must be positive integers")
         if method not in ("crop", "scale"):
@@ -526,17 +573,28 @@ class MediaService:
         return made[0]
 
     @staticmethod
-    def _find_thumbnail(existing: list[ThumbnailRecord], spec: ThumbnailSpec) -> ThumbnailRecord | None:
+    def _find_thumbnail(
+        existing: list[ThumbnailRecord], spec: ThumbnailSpec
+    ) -> ThumbnailRecord | None:
         for t in existing:
             if (t.width, t.height, t.method, t.animated) == (
-                spec.width, spec.height, spec.method, spec.animated
+                spec.width,
+                spec.height,
+                spec.method,
+                spec.animated,
             ):
                 return t
         return None
 
     async def open_thumbnail(self, thumb: ThumbnailRecord) -> MediaReader:
-        key = thumbnail_key(thumb.sha256, thumb.width, thumb.height, thumb.method,
-                            thumb.animated, thumb.content_type)
+        key = thumbnail_key(
+            thumb.sha256,
+            thumb.width,
+            thumb.height,
+            thumb.method,
+            thumb.animated,
+            thumb.content_type,
+        )
         try:
             return await self.storage.open(key)
         except MediaNotStored:
@@ -556,12 +614,15 @@ class MediaService:
             try:
                 await self._generate(record, wanted)
             except MatrixError as e:
-                logger.info("no thumbnails for mxc://%s/%s: %s", record.origin, record.media_id,
-                            e.message)
+                logger.info(
+                    "no thumbnails for mxc://%s/%s: %s", record.origin, record.media_id, e.message
+                )
 
         await self._thumbnailing.run(sha256, go)
 
-    async def _generate(self, record: MediaRecord, specs: list[ThumbnailSpec]) -> list[ThumbnailRecord]:
+    async def _generate(
+        self, record: MediaRecord, specs: list[ThumbnailSpec]
+    ) -> list[ThumbnailRecord]:
         """Make, store and record thumbnails (image work on a worker thread)."""
         sha256 = record.sha256
         assert sha256 is not None
@@ -572,8 +633,12 @@ class MediaService:
                 raise not_found() from None
             try:
                 thumbs = await threads.deferToThreadPool(
-                    self._reactor, self._reactor.getThreadPool(),
-                    make_thumbnails, path, specs, self.max_image_pixels,
+                    self._reactor,
+                    self._reactor.getThreadPool(),
+                    make_thumbnails,
+                    path,
+                    specs,
+                    self.max_image_pixels,
                 )
             except ImageTooLarge:
                 raise MatrixError("M_TOO_LARGE", "Content is too large to thumbnail") from None
@@ -582,16 +647,26 @@ class MediaService:
                     "M_UNKNOWN", "Cannot generate thumbnails for the requested content"
                 ) from None
             finally:
-                await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), cleanup)
+                await threads.deferToThreadPool(
+                    self._reactor, self._reactor.getThreadPool(), cleanup
+                )
         records = []
         for t in thumbs:
             rec = ThumbnailRecord(
-                sha256, t.spec.width, t.spec.height, t.spec.method, t.spec.animated,
-                t.content_type, t.width, t.height, len(t.data),
+                sha256,
+                t.spec.width,
+                t.spec.height,
+                t.spec.method,
+                t.spec.animated,
+                t.content_type,
+                t.width,
+                t.height,
+                len(t.data),
             )
             await self.storage.put_bytes(
-                thumbnail_key(sha256, rec.width, rec.height, rec.method, rec.animated,
-                              rec.content_type),
+                thumbnail_key(
+                    sha256, rec.width, rec.height, rec.method, rec.animated, rec.content_type
+                ),
                 t.data,
             )
             await self.store.add_thumbnail(rec)
@@ -604,10 +679,13 @@ class MediaService:
             raise MatrixError("M_UNRECOGNIZED", "URL previews are disabled on this server", 404)
         return await self.previews.preview(url)
 
-    async def _store_preview_image(self, data: bytes, content_type: str,
-                                   name: str | None) -> tuple[str, int, int]:
+    async def _store_preview_image(
+        self, data: bytes, content_type: str, name: str | None
+    ) -> tuple[str, int, int]:
         pool = self._reactor.getThreadPool()
-        upload = await threads.deferToThreadPool(self._reactor, pool, spool_bytes, self.tmp_dir, data)
+        upload = await threads.deferToThreadPool(
+            self._reactor, pool, spool_bytes, self.tmp_dir, data
+        )
         try:
             try:
                 info = await threads.deferToThreadPool(
@@ -616,11 +694,18 @@ class MediaService:
             except (CannotThumbnail, ImageTooLarge) as e:
                 raise MatrixError("M_UNKNOWN", f"Not a usable image: {e}") from None
             record = MediaRecord(
-                origin=self.server_name, media_id=_new_media_id(), user_id=None,
-                media_type=info.content_type, upload_name=_clean_upload_name(name),
-                media_length=upload.length, sha256=upload.sha256,
-                created_ts=self._clock.time_msec(), unused_expires_ts=None, last_access_ts=None,
-                quarantined_by=None, safe_from_quarantine=False,
+                origin=self.server_name,
+                media_id=_new_media_id(),
+                user_id=None,
+                media_type=info.content_type,
+                upload_name=_clean_upload_name(name),
+                media_length=upload.length,
+                sha256=upload.sha256,
+                created_ts=self._clock.time_msec(),
+                unused_expires_ts=None,
+                last_access_ts=None,
+                quarantined_by=None,
+                safe_from_quarantine=False,
                 authenticated=self.authenticated_media,
             )
             await self._store(upload, record)
@@ -667,8 +752,7 @@ class MediaService:
                 await self.storage.delete(content_key(sha256))
             for t in deleted.orphaned_thumbnails:
                 await self.storage.delete(
-                    thumbnail_key(t.sha256, t.width, t.height, t.method, t.animated,
-                                  t.content_type)
+                    thumbnail_key(t.sha256, t.width, t.height, t.method, t.animated, t.content_type)
                 )
         return bool(deleted.media)
 
@@ -679,8 +763,9 @@ class MediaService:
                 deleted.append(media_id)
         return deleted
 
-    async def list_user_media(self, user_id: str, start: int, limit: int, order_by: str,
-                              descending: bool) -> tuple[list[MediaRecord], int]:
+    async def list_user_media(
+        self, user_id: str, start: int, limit: int, order_by: str, descending: bool
+    ) -> tuple[list[MediaRecord], int]:
         return await self.store.list_user_media(user_id, start, limit, order_by, descending)
 
     # --- maintenance ----------------------------------------------------------------
@@ -699,8 +784,12 @@ class MediaService:
                 break
             expired += len((await self.store.delete_media(ids)).media)
         if local or remote or expired:
-            logger.info("media retention: deleted %d local, %d remote, %d unused ids",
-                        local, remote, expired)
+            logger.info(
+                "media retention: deleted %d local, %d remote, %d unused ids",
+                local,
+                remote,
+                expired,
+            )
         return MaintenanceReport(local, remote, expired)
 
     async def _delete_unused(self, local: bool, cutoff: int) -> int:

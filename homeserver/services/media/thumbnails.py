@@ -19,8 +19,7 @@ from PIL import Image, ImageOps, ImageSequence
 
 # Content types we make thumbnails of.
 THUMBNAILABLE = frozenset(
-    {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/apng", "image/gif",
-     "image/webp"}
+    {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/apng", "image/gif", "image/webp"}
 )
 _DECODERS = ["JPEG", "PNG", "GIF", "WEBP"]
 # Animated thumbnails: at most this many frames.
@@ -101,8 +100,9 @@ def choose_spec(
         return ThumbnailSpec(_snap(width), _snap(height), method)
     if method == "crop":
         want = width / max(height, 1)
-        return min(big_enough,
-                   key=lambda s: (round(abs(s.width / s.height - want), 2), s.width * s.height))
+        return min(
+            big_enough, key=lambda s: (round(abs(s.width / s.height - want), 2), s.width * s.height)
+        )
     return min(big_enough, key=lambda s: s.width * s.height)
 
 
@@ -137,7 +137,9 @@ def scaled_size(width: int, height: int, box_w: int, box_h: int) -> tuple[int, i
     return max(1, round(width * ratio)), max(1, round(height * ratio))
 
 
-def crop_region(width: int, height: int, box_w: int, box_h: int) -> tuple[float, float, float, float]:
+def crop_region(
+    width: int, height: int, box_w: int, box_h: int
+) -> tuple[float, float, float, float]:
     """The centred region of the source with the box's aspect ratio."""
     if width * box_h > height * box_w:  # source is wider than the box
         region_w, region_h = height * box_w / box_h, float(height)
@@ -197,11 +199,17 @@ def _animated(img: Image.Image, spec: ThumbnailSpec, max_pixels: int) -> Thumbna
         return None
     out = io.BytesIO()
     frames[0].save(
-        out, "WEBP", save_all=True, append_images=frames[1:], duration=durations,
-        loop=int(img.info.get("loop", 0)), quality=JPEG_QUALITY,
+        out,
+        "WEBP",
+        save_all=True,
+        append_images=frames[1:],
+        duration=durations,
+        loop=int(img.info.get("loop", 0)),
+        quality=JPEG_QUALITY,
     )
-    return Thumbnail(spec, "image/webp", frames[0].size[0], frames[0].size[1], out.getvalue(),
-                     animated=True)
+    return Thumbnail(
+        spec, "image/webp", frames[0].size[0], frames[0].size[1], out.getvalue(), animated=True
+    )
 
 
 def make_thumbnails(path: str, specs: list[ThumbnailSpec], max_pixels: int) -> list[Thumbnail]:
@@ -230,8 +238,9 @@ def make_thumbnails(path: str, specs: list[ThumbnailSpec], max_pixels: int) -> l
             frame, content_type = _static_frame(img)
             for i in static:
                 out = _transform(frame, specs[i])
-                results[i] = Thumbnail(specs[i], content_type, out.size[0], out.size[1],
-                                       _encode(out, content_type))
+                results[i] = Thumbnail(
+                    specs[i], content_type, out.size[0], out.size[1], _encode(out, content_type)
+                )
         return [r for r in results if r is not None]
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise CannotThumbnail(str(e)) from None
