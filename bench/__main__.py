@@ -6,8 +6,6 @@ import datetime
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -41,29 +39,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--members", type=int, help="members joining the big room one by one")
     p.add_argument("--reactions", type=int, help="reactions to one message")
     p.add_argument("--media-reps", type=int, help="uploads+downloads per media size")
-    p.add_argument("--postgres", action="store_true",
-                   help="both servers on throw-away PostgreSQL databases (127.0.0.1:5432, user "
-                        "postgres; BENCH_POSTGRES_DSN overrides) instead of SQLite")
+    p.add_argument(
+        "--postgres",
+        action="store_true",
+        help="both servers on throw-away PostgreSQL databases (127.0.0.1:5432, user "
+        "postgres; BENCH_POSTGRES_DSN overrides) instead of SQLite",
+    )
     p.add_argument("--no-synapse", action="store_true", help="run against our server only")
-    p.add_argument("--bcrypt-rounds", type=int, default=4,
-                   help="password hashing cost on both servers (default 4, so that phase 1 "
-                        "and the set-up of the big room measure the servers rather than "
-                        "bcrypt; 12 is both servers' production default)")
-    p.add_argument("--settle", type=float, default=0.5,
-                   help="seconds of quiet between phase runs (default 0.5)")
-    p.add_argument("--output", type=Path,
-                   help="JSON file (default bench-results/<timestamp>.json)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the servers' directories (configs, logs, databases)")
-    p.add_argument("--profile", choices=["ours", "synapse", "both"],
-                   help="record py-spy flame graphs of that server (skews its figures)")
+    p.add_argument(
+        "--bcrypt-rounds",
+        type=int,
+        default=4,
+        help="password hashing cost on both servers (default 4, so that phase 1 "
+        "and the set-up of the big room measure the servers rather than "
+        "bcrypt; 12 is both servers' production default)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="seconds of quiet between phase runs (default 0.5)",
+    )
+    p.add_argument("--output", type=Path, help="JSON file (default bench-results/<timestamp>.json)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the servers' directories (configs, logs, databases)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=["ours", "synapse", "both"],
+        help="run that server under py-spy record, profile written beside the "
+        "JSON file (sampling costs CPU: not for the figures)",
+    )
+    p.add_argument(
+        "--profile-format",
+        choices=["flamegraph", "raw", "speedscope"],
+        default="flamegraph",
+        help="py-spy output format (default: flamegraph, SVG)",
+    )
     return p.parse_args(argv)
 
 
 def scale_from(args: argparse.Namespace) -> Scale:
     scale = Scale.quick() if args.quick else Scale()
-    for name in ("users", "messages", "delivery", "rooms", "history", "devices", "members",
-                 "reactions", "media_reps"):
+    for name in (
+        "users",
+        "messages",
+        "delivery",
+        "rooms",
+        "history",
+        "devices",
+        "members",
+        "reactions",
+        "media_reps",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(scale, name, value)
@@ -73,18 +103,6 @@ def scale_from(args: argparse.Namespace) -> Scale:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def start_profiler(server: ServerProcess, out: Path) -> subprocess.Popen[bytes] | None:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists() and not shutil.which("py-spy"):
-        log("bench: py-spy not found (pip install py-spy); not profiling")
-        return None
-    log(f"bench: profiling {server.label} into {out}")
-    return subprocess.Popen(
-        [py_spy, "record", "--pid", str(server.pid), "--rate", "100", "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".log"), "wb"),  # noqa: SIM115
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,55 +124,54 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[ServerProcess] = []
     resources: dict[str, dict[str, float]] = {}
     versions: dict[str, str] = {}
-    profilers: list[subprocess.Popen[bytes]] = []
     try:
         with ExitStack() as stack:
             create_db = stack.enter_context(throwaway_databases()) if args.postgres else None
-            ours = OurServer(workdir / "ours", create_db("ours") if create_db else None,
-                             args.bcrypt_rounds)
+            ours = OurServer(
+                workdir / "ours", create_db("ours") if create_db else None, args.bcrypt_rounds
+            )
             servers.append(ours)
             if not args.no_synapse:
-                synapse = SynapseServer(workdir / "synapse",
-                                        create_db("synapse") if create_db else None,
-                                        args.bcrypt_rounds)
+                synapse = SynapseServer(
+                    workdir / "synapse",
+                    create_db("synapse") if create_db else None,
+                    args.bcrypt_rounds,
+                )
                 servers.append(synapse)
             for server in servers:
                 log(f"bench: starting {server.label} on {server.base_url}")
                 stack.callback(server.stop)
+                profile = None
+                if args.profile in (server.label, "both"):
+                    suffix = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}
+                    profile = output.with_name(
+                        f"{output.stem}-{server.label}.{suffix[args.profile_format]}"
+                    )
+                    profile.parent.mkdir(parents=True, exist_ok=True)
+                    log(f"bench: profiling {server.label} into {profile}")
                 t0 = time.perf_counter()
-                server.start()
+                server.start(profile=profile, profile_format=args.profile_format)
                 resources[server.label] = {"startup_s": time.perf_counter() - t0}
                 versions[server.label] = server.version
             time.sleep(5)  # let start-up work settle before reading idle memory
             for server in servers:
                 st = server.stats()
                 resources[server.label].update(
-                    idle_rss_mib=st.rss_kib / 1024, startup_cpu_s=st.cpu_s)
-            if args.profile:
-                for server in servers:
-                    if args.profile in (server.label, "both"):
-                        out = output.with_name(f"{output.stem}-{server.label}.svg")
-                        output.parent.mkdir(parents=True, exist_ok=True)
-                        proc = start_profiler(server, out)
-                        if proc is not None:
-                            profilers.append(proc)
+                    idle_rss_mib=st.rss_kib / 1024, startup_cpu_s=st.cpu_s
+                )
             results = asyncio.run(run_workload(servers, scale, settle_s=args.settle, log=log))
-            for proc in profilers:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
             for server in servers:
                 st = server.stats()
                 resources[server.label].update(
-                    peak_rss_mib=st.hwm_kib / 1024, final_rss_mib=st.rss_kib / 1024,
-                    cpu_total_s=st.cpu_s - resources[server.label]["startup_cpu_s"])
+                    peak_rss_mib=st.hwm_kib / 1024,
+                    final_rss_mib=st.rss_kib / 1024,
+                    cpu_total_s=st.cpu_s - resources[server.label]["startup_cpu_s"],
+                )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     load_end = os.getloadavg()
-    rows = report.build_rows(scale, results, resources)
+    rows = report.build_rows(scale, results, resources, args.bcrypt_rounds)
     table = report.format_table(rows)
     errors = sum(r.errors for per in results.values() for r in per.values())
     record: dict[str, Any] = {
@@ -162,25 +179,34 @@ def main(argv: list[str] | None = None) -> int:
         "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         "database": engine,
-        "host": {"cpus": os.cpu_count(), "load_average_start": load_start,
-                 "load_average_end": load_end, "python": platform.python_version(),
-                 "platform": platform.platform()},
+        "host": {
+            "cpus": os.cpu_count(),
+            "load_average_start": load_start,
+            "load_average_end": load_end,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "versions": versions,
         "scale": scale.__dict__,
         "bcrypt_rounds": args.bcrypt_rounds,
         "resources": resources,
-        "phases": {label: {k: r.as_dict() for k, r in per.items()}
-                   for label, per in results.items()},
+        "phases": {
+            label: {k: r.as_dict() for k, r in per.items()} for label, per in results.items()
+        },
         "rows": rows,
         "errors": errors,
     }
     report.write_json(output, record)
-    print(f"\n{engine}; ours {versions.get('ours', '?')} vs synapse "
-          f"{versions.get('synapse', 'not run')}; load average {load_start[0]:.2f} at start, "
-          f"{load_end[0]:.2f} at end, {os.cpu_count()} CPUs\n")
+    print(
+        f"\n{engine}; ours {versions.get('ours', '?')} vs synapse "
+        f"{versions.get('synapse', 'not run')}; load average {load_start[0]:.2f} at start, "
+        f"{load_end[0]:.2f} at end, {os.cpu_count()} CPUs\n"
+    )
     print(table)
-    print(f"\nratio > 1: ours better (rates ours/synapse, times and memory synapse/ours). "
-          f"{errors} errors. JSON: {output}")
+    print(
+        f"\nratio > 1: ours better (rates ours/synapse, times and memory synapse/ours). "
+        f"{errors} errors. JSON: {output}"
+    )
     if errors:
         for label, per in results.items():
             for r in per.values():

@@ -24,31 +24,55 @@ class Metric:
     target: float | None = None  # the target, as a ratio (> 1 = ours better)
 
 
-def metrics(scale: Scale) -> list[Metric]:
+def metrics(scale: Scale, bcrypt_rounds: int | None = None) -> list[Metric]:
     s = scale
+    cost = f", bcrypt {bcrypt_rounds}" if bcrypt_rounds is not None else ""
     sizes = {1: "media_1mib", 10: "media_10mib"}
     rows = [
-        Metric("register", "per_s", f"1. register {s.users} users (m.login.dummy)", "users/s",
-               True),
+        Metric(
+            "register",
+            "per_s",
+            f"1. register {s.users} users (m.login.dummy{cost})",
+            "users/s",
+            True,
+        ),
         Metric("register", "p50_ms", "   register latency p50", "ms", False),
         Metric("create_join", "create_ms", "2. createRoom", "ms", False),
         Metric("create_join", "join_p50_ms", f"   join, {s.users - 1} users, p50", "ms", False),
-        Metric("send_sequential", "per_s", f"3. sequential send, {s.messages} msgs", "msg/s",
-               True, 25),
+        Metric(
+            "send_sequential", "per_s", f"3. sequential send, {s.messages} msgs", "msg/s", True, 25
+        ),
         Metric("send_sequential", "p50_ms", "   send latency p50", "ms", False),
         Metric("send_sequential", "p95_ms", "   send latency p95", "ms", False),
         Metric("send_sequential", "p99_ms", "   send latency p99", "ms", False),
-        Metric("send_concurrent_one_room", "per_s",
-               f"4. concurrent send, {s.concurrency} clients, one room", "msg/s", True, 25),
-        Metric("send_concurrent_rooms", "per_s",
-               f"   concurrent send, {s.concurrency} clients, own rooms", "msg/s", True, 25),
+        Metric(
+            "send_concurrent_one_room",
+            "per_s",
+            f"4. concurrent send, {s.concurrency} clients, one room",
+            "msg/s",
+            True,
+            25,
+        ),
+        Metric(
+            "send_concurrent_rooms",
+            "per_s",
+            f"   concurrent send, {s.concurrency} clients, own rooms",
+            "msg/s",
+            True,
+            25,
+        ),
         Metric("delivery", "p50_ms", "5. delivery to a long-polling /sync, p50", "ms", False, 10),
         Metric("delivery", "p95_ms", "   delivery p95", "ms", False),
-        Metric("sync_initial", "p50_ms",
-               f"6. initial /sync, {s.rooms} rooms x {s.history} msgs, p50", "ms", False, 5),
+        Metric(
+            "sync_initial",
+            "p50_ms",
+            f"6. initial /sync, {s.rooms} rooms x {s.history} msgs, p50",
+            "ms",
+            False,
+            5,
+        ),
         Metric("sync_initial", "first_ms", "   initial /sync, first device", "ms", False),
-        Metric("sync_incremental", "p50_ms", "   incremental /sync, nothing new, p50", "ms",
-               False),
+        Metric("sync_incremental", "p50_ms", "   incremental /sync, nothing new, p50", "ms", False),
         Metric("paging", "per_s", "7. /messages paging back, all history", "events/s", True, 5),
         Metric("paging", "page_p50_ms", f"   /messages page of {s.page_limit}, p50", "ms", False),
     ]
@@ -59,13 +83,18 @@ def metrics(scale: Scale) -> list[Metric]:
             Metric(phase, "download_mb_s", f"   media download {mib} MiB", "MB/s", True, 2),
         ]
     rows += [
-        Metric("reactions", "send_per_s",
-               f"9. {s.reactions} reactions from {s.reactors} users", "reactions/s", True),
+        Metric(
+            "reactions",
+            "send_per_s",
+            f"9. {s.reactions} reactions from {s.reactors} users",
+            "reactions/s",
+            True,
+        ),
         Metric("reactions", "relations_ms", "   /relations, all of them", "ms", False),
-        Metric("big_room", "join_p50_ms", f"10. {s.members} members join one by one, p50", "ms",
-               False),
-        Metric("big_room", "join_last10pct_ms", "    join, last 10% of joiners, mean", "ms",
-               False),
+        Metric(
+            "big_room", "join_p50_ms", f"10. {s.members} members join one by one, p50", "ms", False
+        ),
+        Metric("big_room", "join_last10pct_ms", "    join, last 10% of joiners, mean", "ms", False),
         Metric("newcomer_sync", "join_ms", f"    member {s.members + 1} joins", "ms", False),
         Metric("newcomer_sync", "sync_ms", "    ... and its initial /sync", "ms", False),
         Metric("resources", "idle_rss_mib", "11. idle RSS after start-up", "MiB", False, 3),
@@ -91,8 +120,9 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def _cell(results: dict[str, PhaseResult] | None, resources: dict[str, float] | None,
-          metric: Metric) -> tuple[str, float | None]:
+def _cell(
+    results: dict[str, PhaseResult] | None, resources: dict[str, float] | None, metric: Metric
+) -> tuple[str, float | None]:
     if results is None:
         return "not run", None
     if metric.phase == "resources":
@@ -109,20 +139,33 @@ def _cell(results: dict[str, PhaseResult] | None, resources: dict[str, float] | 
     return _fmt(value), value
 
 
-def build_rows(scale: Scale, results: dict[str, dict[str, PhaseResult]],
-               resources: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def build_rows(
+    scale: Scale,
+    results: dict[str, dict[str, PhaseResult]],
+    resources: dict[str, dict[str, float]],
+    bcrypt_rounds: int | None = None,
+) -> list[dict[str, Any]]:
     rows = []
-    for metric in metrics(scale):
+    for metric in metrics(scale, bcrypt_rounds):
         ours_text, ours = _cell(results.get(OURS), resources.get(OURS), metric)
         syn_text, syn = _cell(results.get(SYNAPSE), resources.get(SYNAPSE), metric)
         r = ratio(metric, ours, syn)
-        rows.append({
-            "phase": metric.phase, "metric": metric.key, "label": metric.label,
-            "unit": metric.unit, "higher_is_better": metric.higher_is_better,
-            "ours": ours, "synapse": syn, "ratio": r, "target": metric.target,
-            "met": None if r is None or metric.target is None else r >= metric.target,
-            "ours_text": ours_text, "synapse_text": syn_text,
-        })
+        rows.append(
+            {
+                "phase": metric.phase,
+                "metric": metric.key,
+                "label": metric.label,
+                "unit": metric.unit,
+                "higher_is_better": metric.higher_is_better,
+                "ours": ours,
+                "synapse": syn,
+                "ratio": r,
+                "target": metric.target,
+                "met": None if r is None or metric.target is None else r >= metric.target,
+                "ours_text": ours_text,
+                "synapse_text": syn_text,
+            }
+        )
     # CPU seconds of the timed part of each phase.
     phases = list(dict.fromkeys(k for per in results.values() for k in per))
     for key in phases:
@@ -132,18 +175,38 @@ def build_rows(scale: Scale, results: dict[str, dict[str, PhaseResult]],
             cells[label] = None if r is None or r.cpu_s is None else r.cpu_s
         cpu_metric = Metric(key, "cpu_s", f"    CPU s: {key}", "s", False)
         r = ratio(cpu_metric, cells[OURS], cells[SYNAPSE])
-        rows.append({
-            "phase": key, "metric": "cpu_s", "label": cpu_metric.label, "unit": "s",
-            "higher_is_better": False, "ours": cells[OURS], "synapse": cells[SYNAPSE],
-            "ratio": r, "target": None, "met": None,
-            "ours_text": _fmt(cells[OURS]) if OURS in results else "not run",
-            "synapse_text": _fmt(cells[SYNAPSE]) if SYNAPSE in results else "not run",
-        })
-    rows.append({
-        "phase": "federation", "metric": "-", "label": "12. federation", "unit": "",
-        "higher_is_better": True, "ours": None, "synapse": None, "ratio": None, "target": None,
-        "met": None, "ours_text": "n/a: federation not implemented yet", "synapse_text": "",
-    })
+        rows.append(
+            {
+                "phase": key,
+                "metric": "cpu_s",
+                "label": cpu_metric.label,
+                "unit": "s",
+                "higher_is_better": False,
+                "ours": cells[OURS],
+                "synapse": cells[SYNAPSE],
+                "ratio": r,
+                "target": None,
+                "met": None,
+                "ours_text": _fmt(cells[OURS]) if OURS in results else "not run",
+                "synapse_text": _fmt(cells[SYNAPSE]) if SYNAPSE in results else "not run",
+            }
+        )
+    rows.append(
+        {
+            "phase": "federation",
+            "metric": "-",
+            "label": "12. federation",
+            "unit": "",
+            "higher_is_better": True,
+            "ours": None,
+            "synapse": None,
+            "ratio": None,
+            "target": None,
+            "met": None,
+            "ours_text": "n/a: federation not implemented yet",
+            "synapse_text": "",
+        }
+    )
     return rows
 
 
@@ -156,15 +219,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         r = row["ratio"]
         target = row["target"]
-        lines.append((
-            row["label"], row["unit"], row["ours_text"], row["synapse_text"],
-            "-" if r is None else f"{r:.2f}x",
-            "" if target is None else f">={target:g}x " + ("ok" if row["met"] else
-                                                          "-" if row["met"] is None else "MISS"),
-        ))
+        lines.append(
+            (
+                row["label"],
+                row["unit"],
+                row["ours_text"],
+                row["synapse_text"],
+                "-" if r is None else f"{r:.2f}x",
+                ""
+                if target is None
+                else f">={target:g}x "
+                + ("ok" if row["met"] else "-" if row["met"] is None else "MISS"),
+            )
+        )
     # The federation note may overflow its column; do not widen the table for it.
-    widths = [max(len(line[i]) for line in lines if not line[2].startswith("n/a: federation"))
-              for i in range(len(header))]
+    widths = [
+        max(len(line[i]) for line in lines if not line[2].startswith("n/a: federation"))
+        for i in range(len(header))
+    ]
     out = []
     for n, line in enumerate(lines):
         cells = [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
@@ -178,19 +250,28 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| what | unit | ours | synapse | ratio (>1 = ours better) | target |",
-           "| --- | --- | ---: | ---: | ---: | --- |"]
+    out = [
+        "| what | unit | ours | synapse | ratio (>1 = ours better) | target |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for row in rows:
         if row["phase"] == "federation":
             out.append(f"| {row['label']} | | {row['ours_text']} | | | |")
             continue
         r = row["ratio"]
-        target = "" if row["target"] is None else (
-            f"≥ {row['target']:g}× " + ("met" if row["met"] else
-                                       "-" if row["met"] is None else "**missed**"))
+        target = (
+            ""
+            if row["target"] is None
+            else (
+                f"≥ {row['target']:g}× "
+                + ("met" if row["met"] else "-" if row["met"] is None else "**missed**")
+            )
+        )
         label = row["label"].strip().replace("|", "/")
-        out.append(f"| {label} | {row['unit']} | {row['ours_text']} | {row['synapse_text']} | "
-                   f"{'-' if r is None else f'{r:.2f}×'} | {target} |")
+        out.append(
+            f"| {label} | {row['unit']} | {row['ours_text']} | {row['synapse_text']} | "
+            f"{'-' if r is None else f'{r:.2f}×'} | {target} |"
+        )
     return "\n".join(out)
 
 

@@ -9,6 +9,7 @@ pool size, INFO logging to a file, a client listener on 127.0.0.1:<free port>.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -184,6 +185,8 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.version = "?"
+        self.profile: Path | None = None
+        self._server_pid: int | None = None
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -193,14 +196,57 @@ class ServerProcess:
 
     @property
     def pid(self) -> int:
+        """The server's own process (under py-spy, its child)."""
         assert self.process is not None
-        return self.process.pid
+        if self.profile is None:
+            return self.process.pid
+        if self._server_pid is None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                children = _children_map().get(self.process.pid)
+                if children:
+                    self._server_pid = children[0]
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"py-spy started no {self.label} process")
+        return self._server_pid
 
-    def start(self, timeout: float = 180.0) -> None:
+    def start(
+        self,
+        timeout: float = 180.0,
+        profile: Path | None = None,
+        profile_format: str = "flamegraph",
+    ) -> None:
+        """Start and wait until /_matrix/client/versions answers.
+
+        With ``profile``, the server runs under ``py-spy record`` (attaching to a
+        running process is not permitted on every machine; spawning always is),
+        which writes the profile when the server exits.
+        """
+        command = self.command()
+        if profile is not None:
+            self.profile = profile
+            command = [
+                py_spy(),
+                "record",
+                "--rate",
+                "100",
+                "--format",
+                profile_format,
+                "--output",
+                str(profile),
+                "--",
+                *command,
+            ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it until exit
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-            env=self.environment(), start_new_session=True,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=self.environment(),
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -219,13 +265,22 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"{self.label} did not answer within {timeout:.0f}s; log: {self.log_path}")
+        raise RuntimeError(
+            f"{self.label} did not answer within {timeout:.0f}s; log: {self.log_path}"
+        )
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if self.profile is not None and self._server_pid is not None:
+                # Stop the server, not py-spy: py-spy then writes the profile.
+                try:
+                    os.kill(self._server_pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            else:
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -246,17 +301,31 @@ class ServerProcess:
 class OurServer(ServerProcess):
     label = "ours"
 
-    def __init__(self, workdir: Path, database: dict[str, Any] | None = None,
-                 bcrypt_rounds: int = 12) -> None:
+    def __init__(
+        self, workdir: Path, database: dict[str, Any] | None = None, bcrypt_rounds: int = 12
+    ) -> None:
         super().__init__(workdir)
         self.bcrypt_rounds = bcrypt_rounds
         self.config_path = workdir / "homeserver.yaml"
         self.overrides_path = workdir / "overrides.yaml"
         subprocess.run(
-            [sys.executable, "-m", "homeserver.app", "generate-config",
-             "--server-name", self.server_name, "--config-path", str(self.config_path),
-             "--port", str(self.port), "--bind-address", "127.0.0.1"],
-            check=True, capture_output=True, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "homeserver.app",
+                "generate-config",
+                "--server-name",
+                self.server_name,
+                "--config-path",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                "--bind-address",
+                "127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=REPO,
         )
         overrides: dict[str, Any] = {
             "enable_registration": True,
@@ -268,22 +337,42 @@ class OurServer(ServerProcess):
         self.overrides_path.write_text(yaml.safe_dump(overrides))
         self.database = "postgresql" if database else "sqlite"
         try:
-            self.version = "git " + subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                text=True, check=True,
-            ).stdout.strip()
+            self.version = (
+                "git "
+                + subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.strip()
+            )
         except (OSError, subprocess.CalledProcessError):
             self.version = "?"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "homeserver.app", "run",
-                "--config-path", str(self.config_path),
-                "--config-path", str(self.overrides_path)]
+        return [
+            sys.executable,
+            "-m",
+            "homeserver.app",
+            "run",
+            "--config-path",
+            str(self.config_path),
+            "--config-path",
+            str(self.overrides_path),
+        ]
 
     def environment(self) -> dict[str, str]:
         env = {**super().environment(), "HOMESERVER_BCRYPT_ROUNDS": str(self.bcrypt_rounds)}
         env["PYTHONPATH"] = str(REPO)
         return env
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    return found
 
 
 def synapse_python(postgres: bool = False, log: Any = sys.stderr) -> Path:
@@ -295,9 +384,13 @@ def synapse_python(postgres: bool = False, log: Any = sys.stderr) -> Path:
         ignore.write_text("*\n")
 
     def works(module: str) -> bool:
-        return python.exists() and subprocess.run(
-            [str(python), "-c", f"import {module}"], capture_output=True
-        ).returncode == 0
+        return (
+            python.exists()
+            and subprocess.run(
+                [str(python), "-c", f"import {module}"], capture_output=True
+            ).returncode
+            == 0
+        )
 
     if not python.exists():
         print(f"bench: creating {SYNAPSE_VENV}", file=log)
@@ -312,27 +405,44 @@ def synapse_python(postgres: bool = False, log: Any = sys.stderr) -> Path:
 class SynapseServer(ServerProcess):
     label = "synapse"
 
-    def __init__(self, workdir: Path, database: dict[str, Any] | None = None,
-                 bcrypt_rounds: int = 12) -> None:
+    def __init__(
+        self, workdir: Path, database: dict[str, Any] | None = None, bcrypt_rounds: int = 12
+    ) -> None:
         super().__init__(workdir)
         self.python = synapse_python(postgres=database is not None)
         self.config_path = workdir / "homeserver.yaml"
         log_config = workdir / "log.yaml"
-        log_config.write_text(yaml.safe_dump({
-            "version": 1,
-            "formatters": {"precise": {
-                "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - "
-                          "%(request)s - %(message)s"}},
-            "filters": {"context": {
-                "()": "synapse.logging.context.LoggingContextFilter", "request": ""}},
-            "handlers": {"file": {
-                "class": "logging.FileHandler", "formatter": "precise",
-                "filename": str(workdir / "homeserver.log"), "filters": ["context"],
-                "encoding": "utf8"}},
-            "loggers": {"synapse.storage.SQL": {"level": "INFO"}},
-            "root": {"level": "INFO", "handlers": ["file"]},
-            "disable_existing_loggers": False,
-        }))
+        log_config.write_text(
+            yaml.safe_dump(
+                {
+                    "version": 1,
+                    "formatters": {
+                        "precise": {
+                            "format": "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - "
+                            "%(request)s - %(message)s"
+                        }
+                    },
+                    "filters": {
+                        "context": {
+                            "()": "synapse.logging.context.LoggingContextFilter",
+                            "request": "",
+                        }
+                    },
+                    "handlers": {
+                        "file": {
+                            "class": "logging.FileHandler",
+                            "formatter": "precise",
+                            "filename": str(workdir / "homeserver.log"),
+                            "filters": ["context"],
+                            "encoding": "utf8",
+                        }
+                    },
+                    "loggers": {"synapse.storage.SQL": {"level": "INFO"}},
+                    "root": {"level": "INFO", "handlers": ["file"]},
+                    "disable_existing_loggers": False,
+                }
+            )
+        )
         if database is not None:
             db: dict[str, Any] = {"name": "psycopg2", "args": {**database, **DB_POOL}}
         else:
@@ -340,11 +450,16 @@ class SynapseServer(ServerProcess):
         config: dict[str, Any] = {
             "server_name": self.server_name,
             "pid_file": str(workdir / "homeserver.pid"),
-            "listeners": [{
-                "port": self.port, "bind_addresses": ["127.0.0.1"], "tls": False,
-                "type": "http", "x_forwarded": False,
-                "resources": [{"names": ["client", "media"], "compress": False}],
-            }],
+            "listeners": [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "tls": False,
+                    "type": "http",
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client", "media"], "compress": False}],
+                }
+            ],
             "database": db,
             "log_config": str(log_config),
             "media_store_path": str(workdir / "media_store"),
@@ -365,15 +480,31 @@ class SynapseServer(ServerProcess):
         self.config_path.write_text(yaml.safe_dump(config))
         self.database = "postgresql" if database else "sqlite"
         subprocess.run(
-            [str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.config_path),
-             "--generate-keys"],
-            check=True, capture_output=True, cwd=workdir,
+            [
+                str(self.python),
+                "-m",
+                "synapse.app.homeserver",
+                "-c",
+                str(self.config_path),
+                "--generate-keys",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=workdir,
         )
-        self.version = subprocess.run(
-            [str(self.python), "-c",
-             "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
-            capture_output=True, text=True, cwd=workdir,
-        ).stdout.strip() or "?"
+        self.version = (
+            subprocess.run(
+                [
+                    str(self.python),
+                    "-c",
+                    "import importlib.metadata as m; print(m.version('matrix-synapse'))",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=workdir,
+            ).stdout.strip()
+            or "?"
+        )
 
     def command(self) -> list[str]:
         return [str(self.python), "-m", "synapse.app.homeserver", "-c", str(self.config_path)]

@@ -52,13 +52,25 @@ class Scale:
 
     @classmethod
     def quick(cls) -> "Scale":
-        return cls(users=8, messages=32, delivery=8, rooms=4, history=5, devices=2,
-                   members=12, reactions=24, reactors=4, media_reps=1)
+        return cls(
+            users=8,
+            messages=32,
+            delivery=8,
+            rooms=4,
+            history=5,
+            devices=2,
+            members=12,
+            reactions=24,
+            reactors=4,
+            media_reps=1,
+        )
 
     def check(self) -> None:
         if self.users < max(2, self.concurrency):
-            raise ValueError(f"--users must be at least {max(2, self.concurrency)} "
-                             "(the concurrent phases use one user per client)")
+            raise ValueError(
+                f"--users must be at least {max(2, self.concurrency)} "
+                "(the concurrent phases use one user per client)"
+            )
         if self.members < 2 or self.rooms < 1 or self.devices < 1 or self.reactors < 1:
             raise ValueError("--members must be >= 2 and --rooms, devices, reactors >= 1")
         self.reactors = min(self.reactors, self.users)
@@ -97,8 +109,16 @@ class MissingPrerequisite(Exception):
     """An earlier phase failed to produce what this one needs."""
 
 
-EXPECTED_FAILURES = (RequestFailed, VerifyFailed, MissingPrerequisite, aiohttp.ClientError,
-                     asyncio.TimeoutError, KeyError, TypeError, ValueError)
+EXPECTED_FAILURES = (
+    RequestFailed,
+    VerifyFailed,
+    MissingPrerequisite,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    KeyError,
+    TypeError,
+    ValueError,
+)
 
 
 def verify(condition: bool, message: str) -> None:
@@ -125,10 +145,20 @@ class Api:
         self.base_url = server.base_url
         self.server_name = server.server_name
 
-    async def request(self, method: str, path: str, what: str, *, user: User | None = None,
-                      body: Any = None, data: bytes | None = None,
-                      content_type: str | None = None, query: dict[str, Any] | None = None,
-                      expect: int = 200, raw: bool = False) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        user: User | None = None,
+        body: Any = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        query: dict[str, Any] | None = None,
+        expect: int = 200,
+        raw: bool = False,
+    ) -> Any:
         headers = {}
         if user is not None:
             headers["Authorization"] = f"Bearer {user.token}"
@@ -140,8 +170,9 @@ class Api:
         url = self.base_url + path
         if query:
             url += "?" + "&".join(f"{k}={quote(str(v), safe='')}" for k, v in query.items())
-        async with self.session.request(method, URL(url, encoded=True), data=data,
-                                        headers=headers) as response:
+        async with self.session.request(
+            method, URL(url, encoded=True), data=data, headers=headers
+        ) as response:
             payload = await response.read()
             status = response.status
         if status != expect:
@@ -157,10 +188,14 @@ class Api:
 
     async def register(self, localpart: str) -> User:
         """The user-interactive flow: a 401 with a session, then m.login.dummy."""
-        body: dict[str, Any] = {"username": localpart, "password": PASSWORD,
-                                "initial_device_display_name": "bench"}
-        first = await self.request("POST", V3 + "/register", "register (stage 1)", body=body,
-                                   expect=401)
+        body: dict[str, Any] = {
+            "username": localpart,
+            "password": PASSWORD,
+            "initial_device_display_name": "bench",
+        }
+        first = await self.request(
+            "POST", V3 + "/register", "register (stage 1)", body=body, expect=401
+        )
         session = first.get("session")
         verify(isinstance(session, str), "register: 401 without a session")
         stages = [s for flow in first.get("flows", []) for s in flow.get("stages", [])]
@@ -168,36 +203,53 @@ class Api:
         body["auth"] = {"type": "m.login.dummy", "session": session}
         done = await self.request("POST", V3 + "/register", "register (m.login.dummy)", body=body)
         verify(done.get("user_id", "").startswith(f"@{localpart}:"), f"register: {done}")
-        verify(bool(done.get("access_token")) and bool(done.get("device_id")),
-               "register: no access token or device id")
+        verify(
+            bool(done.get("access_token")) and bool(done.get("device_id")),
+            "register: no access token or device id",
+        )
         return User(done["user_id"], localpart, done["access_token"], done["device_id"])
 
     async def login(self, user: User) -> User:
-        done = await self.request("POST", V3 + "/login", "login", body={
-            "type": "m.login.password", "password": PASSWORD,
-            "identifier": {"type": "m.id.user", "user": user.localpart}})
+        done = await self.request(
+            "POST",
+            V3 + "/login",
+            "login",
+            body={
+                "type": "m.login.password",
+                "password": PASSWORD,
+                "identifier": {"type": "m.id.user", "user": user.localpart},
+            },
+        )
         verify(done.get("user_id") == user.user_id, f"login: {done.get('user_id')}")
-        verify(bool(done.get("access_token")) and bool(done.get("device_id")),
-               "login: no access token or device id")
+        verify(
+            bool(done.get("access_token")) and bool(done.get("device_id")),
+            "login: no access token or device id",
+        )
         return User(user.user_id, user.localpart, done["access_token"], done["device_id"])
 
     async def create_room(self, user: User, **body: Any) -> str:
-        done = await self.request("POST", V3 + "/createRoom", "createRoom", user=user,
-                                  body={"preset": "public_chat", **body})
+        done = await self.request(
+            "POST",
+            V3 + "/createRoom",
+            "createRoom",
+            user=user,
+            body={"preset": "public_chat", **body},
+        )
         room_id = done.get("room_id")
         verify(isinstance(room_id, str) and room_id.startswith("!"), f"createRoom: {done}")
         return room_id
 
     async def join(self, user: User, room_id: str) -> str:
-        done = await self.request("POST", f"{V3}/rooms/{quote(room_id, safe='')}/join", "join",
-                                  user=user, body={})
+        done = await self.request(
+            "POST", f"{V3}/rooms/{quote(room_id, safe='')}/join", "join", user=user, body={}
+        )
         verify(done.get("room_id") == room_id, f"join: {done}")
         return room_id
 
-    async def send(self, user: User, room_id: str, content: dict[str, Any],
-                   event_type: str = "m.room.message") -> str:
-        path = (f"{V3}/rooms/{quote(room_id, safe='')}/send/{event_type}/"
-                f"{uuid.uuid4().hex}")
+    async def send(
+        self, user: User, room_id: str, content: dict[str, Any], event_type: str = "m.room.message"
+    ) -> str:
+        path = f"{V3}/rooms/{quote(room_id, safe='')}/send/{event_type}/{uuid.uuid4().hex}"
         done = await self.request("PUT", path, f"send {event_type}", user=user, body=content)
         event_id = done.get("event_id")
         verify(isinstance(event_id, str) and event_id.startswith("$"), f"send: {done}")
@@ -209,18 +261,28 @@ class Api:
         return done
 
     async def upload(self, user: User, data: bytes) -> str:
-        done = await self.request("POST", "/_matrix/media/v3/upload", "media upload", user=user,
-                                  data=data, content_type="application/octet-stream",
-                                  query={"filename": "bench.bin"})
+        done = await self.request(
+            "POST",
+            "/_matrix/media/v3/upload",
+            "media upload",
+            user=user,
+            data=data,
+            content_type="application/octet-stream",
+            query={"filename": "bench.bin"},
+        )
         uri = done.get("content_uri", "")
         verify(uri.startswith("mxc://") and uri.count("/") == 3, f"upload: {done}")
         return uri
 
     async def download(self, user: User, mxc: str) -> bytes:
-        server, media_id = mxc[len("mxc://"):].split("/")
+        server, media_id = mxc[len("mxc://") :].split("/")
         return await self.request(
-            "GET", f"{V1}/media/download/{quote(server, safe='')}/{quote(media_id, safe='')}",
-            "media download", user=user, raw=True)
+            "GET",
+            f"{V1}/media/download/{quote(server, safe='')}/{quote(media_id, safe='')}",
+            "media download",
+            user=user,
+            raw=True,
+        )
 
 
 # --- phases ------------------------------------------------------------------------------------
@@ -393,9 +455,12 @@ async def phase_send_sequential(ctx: PhaseContext) -> dict[str, Any]:
             if await ctx.attempt(ctx.api.send(sender, room, text(f"sequential {i}"))):
                 latencies.append(time.perf_counter() - t0)
     ctx.world.main_messages += len(latencies)
-    return {"per_s": rate(len(latencies), span.wall_s),
-            "p50_ms": ms(percentile(latencies, 50)), "p95_ms": ms(percentile(latencies, 95)),
-            "p99_ms": ms(percentile(latencies, 99))}
+    return {
+        "per_s": rate(len(latencies), span.wall_s),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p95_ms": ms(percentile(latencies, 95)),
+        "p99_ms": ms(percentile(latencies, 99)),
+    }
 
 
 async def _concurrent_sends(ctx: PhaseContext, rooms: list[str]) -> tuple[int, Span]:
@@ -423,9 +488,10 @@ async def phase_send_concurrent_one_room(ctx: PhaseContext) -> dict[str, Any]:
 
 
 async def phase_send_concurrent_rooms(ctx: PhaseContext) -> dict[str, Any]:
-    senders = ctx.world.users[:ctx.scale.concurrency]
-    rooms = await asyncio.gather(*(ctx.api.create_room(u, name=f"bench room of client {k}")
-                                   for k, u in enumerate(senders)))
+    senders = ctx.world.users[: ctx.scale.concurrency]
+    rooms = await asyncio.gather(
+        *(ctx.api.create_room(u, name=f"bench room of client {k}") for k, u in enumerate(senders))
+    )
     sent, span = await _concurrent_sends(ctx, list(rooms))
     return {"per_s": rate(sent, span.wall_s)}
 
@@ -436,12 +502,22 @@ async def phase_delivery(ctx: PhaseContext) -> dict[str, Any]:
     sender, receiver = ctx.world.users[0], ctx.world.users[1]
     api = ctx.api
     created = await api.request(
-        "POST", f"{V3}/user/{quote(receiver.user_id, safe='')}/filter", "create filter",
-        user=receiver, body={
-            "presence": {"types": []}, "account_data": {"types": []},
-            "room": {"rooms": [room], "timeline": {"limit": 20}, "ephemeral": {"types": []},
-                     "account_data": {"types": []}, "state": {"lazy_load_members": True}},
-        })
+        "POST",
+        f"{V3}/user/{quote(receiver.user_id, safe='')}/filter",
+        "create filter",
+        user=receiver,
+        body={
+            "presence": {"types": []},
+            "account_data": {"types": []},
+            "room": {
+                "rooms": [room],
+                "timeline": {"limit": 20},
+                "ephemeral": {"types": []},
+                "account_data": {"types": []},
+                "state": {"lazy_load_members": True},
+            },
+        },
+    )
     filter_id = created["filter_id"]
     since = (await api.sync(receiver, filter=filter_id, timeout=0))["next_batch"]
     latencies = []
@@ -456,8 +532,13 @@ async def phase_delivery(ctx: PhaseContext) -> dict[str, Any]:
                     body = await api.sync(receiver, since=since, timeout=30000, filter=filter_id)
                     arrived = time.perf_counter()
                     since = body["next_batch"]
-                    timeline = (body.get("rooms", {}).get("join", {}).get(room, {})
-                                .get("timeline", {}).get("events", []))
+                    timeline = (
+                        body.get("rooms", {})
+                        .get("join", {})
+                        .get(room, {})
+                        .get("timeline", {})
+                        .get("events", [])
+                    )
                     if any(e.get("content", {}).get("body") == marker for e in timeline):
                         return arrived
 
@@ -498,8 +579,9 @@ async def phase_sync_initial(ctx: PhaseContext) -> dict[str, Any]:
     # One createRoom at a time: two identical ones by one user in the same
     # millisecond give the same create event, hence (room v12) the same room id,
     # and our server answers one of them 500 (see docs/performance.md).
-    created = [await api.create_room(owner, name=f"bench history room {n}")
-               for n in range(scale.rooms)]
+    created = [
+        await api.create_room(owner, name=f"bench history room {n}") for n in range(scale.rooms)
+    ]
     await asyncio.gather(*(fill(room) for room in created))
     rooms = set(created)
     devices = [owner] + [await api.login(owner) for _ in range(scale.devices - 1)]
@@ -513,16 +595,23 @@ async def phase_sync_initial(ctx: PhaseContext) -> dict[str, Any]:
             latencies.append(time.perf_counter() - t0)
             joined = body.get("rooms", {}).get("join", {})
             try:
-                verify(rooms <= joined.keys(),
-                       f"initial sync has {len(rooms & joined.keys())} of {len(rooms)} rooms")
-                verify(all(joined[r].get("timeline", {}).get("events") for r in rooms),
-                       "initial sync: a room without timeline events")
+                verify(
+                    rooms <= joined.keys(),
+                    f"initial sync has {len(rooms & joined.keys())} of {len(rooms)} rooms",
+                )
+                verify(
+                    all(joined[r].get("timeline", {}).get("events") for r in rooms),
+                    "initial sync: a room without timeline events",
+                )
             except VerifyFailed as e:
                 ctx.fail(e)
                 continue
             ctx.world.sync_devices.append((device, body["next_batch"]))
-    return {"p50_ms": ms(percentile(latencies, 50)), "first_ms": ms(latencies[0] if latencies else None),
-            "max_ms": ms(max(latencies, default=None))}
+    return {
+        "p50_ms": ms(percentile(latencies, 50)),
+        "first_ms": ms(latencies[0] if latencies else None),
+        "max_ms": ms(max(latencies, default=None)),
+    }
 
 
 async def phase_sync_incremental(ctx: PhaseContext) -> dict[str, Any]:
@@ -548,9 +637,15 @@ async def phase_paging(ctx: PhaseContext) -> dict[str, Any]:
     async with ctx.timed() as span:
         for _ in range(100_000):
             t0 = time.perf_counter()
-            body = await ctx.attempt(ctx.api.request(
-                "GET", f"{V3}/rooms/{quote(room, safe='')}/messages", "messages", user=user,
-                query=query))
+            body = await ctx.attempt(
+                ctx.api.request(
+                    "GET",
+                    f"{V3}/rooms/{quote(room, safe='')}/messages",
+                    "messages",
+                    user=user,
+                    query=query,
+                )
+            )
             if body is None:
                 break
             page_times.append(time.perf_counter() - t0)
@@ -566,8 +661,12 @@ async def phase_paging(ctx: PhaseContext) -> dict[str, Any]:
         ctx.fail(VerifyFailed(f"paged back {messages} messages, {ctx.world.main_messages} sent"))
     if ctx.errors == 0 and not saw_create:
         ctx.fail(VerifyFailed("paging ended before the room's m.room.create"))
-    return {"per_s": rate(events, span.wall_s), "events": events, "pages": pages,
-            "page_p50_ms": ms(percentile(page_times, 50))}
+    return {
+        "per_s": rate(events, span.wall_s),
+        "events": events,
+        "pages": pages,
+        "page_p50_ms": ms(percentile(page_times, 50)),
+    }
 
 
 def phase_media(mib: int) -> Callable[[PhaseContext], Awaitable[dict[str, Any]]]:
@@ -599,8 +698,10 @@ def phase_media(mib: int) -> Callable[[PhaseContext], Awaitable[dict[str, Any]]]
                 if hashlib.sha256(body).digest() != digest:
                     ctx.fail(VerifyFailed(f"downloaded {len(body)} bytes differ from upload"))
         size = mib * MIB / MB
-        return {"upload_mb_s": rate(size * len(up), sum(up)),
-                "download_mb_s": rate(size * len(down), sum(down))}
+        return {
+            "upload_mb_s": rate(size * len(up), sum(up)),
+            "download_mb_s": rate(size * len(down), sum(down)),
+        }
 
     return media
 
@@ -611,19 +712,22 @@ async def phase_reactions(ctx: PhaseContext) -> dict[str, Any]:
     api, scale = ctx.api, ctx.scale
     target = await api.send(ctx.world.users[0], room, text("react to me"))
     ctx.world.main_messages += 1
-    reactors = ctx.world.users[:scale.reactors]
+    reactors = ctx.world.users[: scale.reactors]
     # User k sends its share with keys r0, r1, ...: distinct for each user (a
     # server keeps one annotation per user and key), shared between users so the
     # keys aggregate several senders. The users send concurrently.
-    counts = [scale.reactions // len(reactors) + (k < scale.reactions % len(reactors))
-              for k in range(len(reactors))]
+    counts = [
+        scale.reactions // len(reactors) + (k < scale.reactions % len(reactors))
+        for k in range(len(reactors))
+    ]
     sent = 0
 
     async def react(user: User, count: int) -> None:
         nonlocal sent
         for key in range(count):
-            content = {"m.relates_to": {"rel_type": "m.annotation", "event_id": target,
-                                        "key": f"r{key}"}}
+            content = {
+                "m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": f"r{key}"}
+            }
             if await ctx.attempt(api.send(user, room, content, "m.reaction")):
                 sent += 1
 
@@ -634,8 +738,9 @@ async def phase_reactions(ctx: PhaseContext) -> dict[str, Any]:
     query: dict[str, Any] = {"limit": 100}
     async with ctx.timed() as fetching:
         for _ in range(10_000):
-            body = await ctx.attempt(api.request("GET", path, "relations", user=reactors[0],
-                                                 query=query))
+            body = await ctx.attempt(
+                api.request("GET", path, "relations", user=reactors[0], query=query)
+            )
             if body is None:
                 break
             found += sum(1 for e in body.get("chunk", []) if e.get("type") == "m.reaction")
@@ -659,9 +764,12 @@ async def phase_big_room(ctx: PhaseContext) -> dict[str, Any]:
             if await ctx.attempt(ctx.api.join(user, room)):
                 times.append(time.perf_counter() - t0)
     ctx.world.big_room, ctx.world.newcomer = room, newcomer
-    tail = times[-max(1, len(times) // 10):]
-    return {"join_p50_ms": ms(percentile(times, 50)), "join_mean_ms": ms(mean(times)),
-            "join_last10pct_ms": ms(mean(tail))}
+    tail = times[-max(1, len(times) // 10) :]
+    return {
+        "join_p50_ms": ms(percentile(times, 50)),
+        "join_mean_ms": ms(mean(times)),
+        "join_last10pct_ms": ms(mean(tail)),
+    }
 
 
 async def phase_newcomer(ctx: PhaseContext) -> dict[str, Any]:
@@ -674,11 +782,16 @@ async def phase_newcomer(ctx: PhaseContext) -> dict[str, Any]:
         body = await ctx.api.sync(newcomer, timeout=0)
     joined = body.get("rooms", {}).get("join", {})
     verify(room in joined, "the newcomer's initial sync lacks the big room")
-    members = {e.get("state_key") for section in ("state", "timeline")
-               for e in joined[room].get(section, {}).get("events", [])
-               if e.get("type") == "m.room.member"}
-    verify(len(members) >= ctx.scale.members + 1,
-           f"the newcomer's initial sync holds {len(members)} members")
+    members = {
+        e.get("state_key")
+        for section in ("state", "timeline")
+        for e in joined[room].get(section, {}).get("events", [])
+        if e.get("type") == "m.room.member"
+    }
+    verify(
+        len(members) >= ctx.scale.members + 1,
+        f"the newcomer's initial sync holds {len(members)} members",
+    )
     return {"join_ms": ms(joining.wall_s), "sync_ms": ms(syncing.wall_s)}
 
 
@@ -725,24 +838,31 @@ async def run_phase(phase: Phase, ctx: PhaseContext) -> PhaseResult:
     return result
 
 
-async def run_workload(servers: list[Server], scale: Scale, *, settle_s: float = 0.5,
-                       log: Callable[[str], None] = print,
-                       only: set[str] | None = None) -> dict[str, dict[str, PhaseResult]]:
+async def run_workload(
+    servers: list[Server],
+    scale: Scale,
+    *,
+    settle_s: float = 0.5,
+    log: Callable[[str], None] = print,
+    only: set[str] | None = None,
+) -> dict[str, dict[str, PhaseResult]]:
     """Every phase against every server, alternating which server goes first."""
     scale.check()
     results: dict[str, dict[str, PhaseResult]] = {s.label: {} for s in servers}
     timeout = aiohttp.ClientTimeout(total=300)
-    sessions = {s.label: aiohttp.ClientSession(timeout=timeout,
-                                               connector=aiohttp.TCPConnector(limit=64))
-                for s in servers}
+    sessions = {
+        s.label: aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=64))
+        for s in servers
+    }
     worlds = {s.label: World() for s in servers}
     try:
         phases = [p for p in PHASES if only is None or p.key in only]
         for i, phase in enumerate(phases):
             order = servers if i % 2 == 0 else list(reversed(servers))
             for server in order:
-                ctx = PhaseContext(Api(sessions[server.label], server), server,
-                                   worlds[server.label], scale)
+                ctx = PhaseContext(
+                    Api(sessions[server.label], server), server, worlds[server.label], scale
+                )
                 result = await run_phase(phase, ctx)
                 results[server.label][phase.key] = result
                 log(_progress(server.label, result))

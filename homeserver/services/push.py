@@ -40,7 +40,7 @@ from storage.push import DefaultRuleChange, PushActionRow, PushStore, ReadMark, 
 logger = logging.getLogger(__name__)
 
 MAX_COMPILED = 100_000
-FLUSH_DELAY_S = 0.2
+FLUSH_DELAY_MS = 200
 MAX_PENDING_ROWS = 5000
 PUSH_RULES_TYPE = "m.push_rules"
 NOTIFICATIONS_LIMIT = 50
@@ -121,6 +121,8 @@ class PushService:
         self._inflight_marks: list[ReadMark] = []
         self._flushing = False
         self._flush_timer: Any = None
+        self._timers = False
+        self._last_flush_ms = 0
         self._shutting_down = False
         self._flush_waiters: list[defer.Deferred[None]] = []
         hs.reactor.addSystemEventTrigger("before", "shutdown", self._before_shutdown)
@@ -388,16 +390,36 @@ class PushService:
                 state.mark(mark.room_id, mark.thread_id, mark.stream_ordering)
 
     # --- writing notifications ------------------------------------------------------------
-    # Rows are written FLUSH_DELAY_S after the first one is queued (or at once with many
-    # queued, or once shutdown began), so back-to-back sends are not slowed by one extra
-    # write transaction each: the writer sees one push transaction per delay.
+    # A quiet server writes a batch's rows at once. Under a stream of events, rows are
+    # written at most every FLUSH_DELAY_MS (or at once with many queued), so back-to-back
+    # sends are not slowed by one extra write transaction each on the single writer. The
+    # rows left after a burst go with the next activity (an event, a /sync reading counts),
+    # on a timer once ``start`` ran (the app calls it; in-process tests do not), and at
+    # shutdown at the latest.
+    def start(self) -> None:
+        self._timers = True
+        self._schedule_flush()
+
+    def stop(self) -> None:
+        self._timers = False
+        timer, self._flush_timer = self._flush_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _schedule_flush(self) -> None:
         if self._flushing or not (self._pending_rows or self._pending_marks):
             return
-        if self._shutting_down or len(self._pending_rows) >= MAX_PENDING_ROWS:
+        waited = self.hs.clock.time_msec() - self._last_flush_ms
+        if (
+            self._shutting_down
+            or len(self._pending_rows) >= MAX_PENDING_ROWS
+            or waited >= FLUSH_DELAY_MS
+        ):
             self._start_flush()
-        elif self._flush_timer is None:
-            self._flush_timer = self.hs.clock.call_later(FLUSH_DELAY_S, self._start_flush)
+        elif self._timers and self._flush_timer is None:
+            self._flush_timer = self.hs.clock.call_later(
+                (FLUSH_DELAY_MS - waited) / 1000, self._start_flush
+            )
 
     def _start_flush(self) -> None:
         timer, self._flush_timer = self._flush_timer, None
@@ -405,12 +427,14 @@ class PushService:
             timer.cancel()
         if not self._flushing and (self._pending_rows or self._pending_marks):
             self._flushing = True
+            self._last_flush_ms = self.hs.clock.time_msec()
             defer.ensureDeferred(self._flush())
 
     def _before_shutdown(self) -> None:
         """From now on write at once, so what requests in flight compute is not lost
         (the database closes only after their transactions)."""
         self._shutting_down = True
+        self.stop()
         self._start_flush()
 
     async def _flush(self) -> None:
@@ -505,6 +529,7 @@ class PushService:
         only the main timeline; ``unread_thread_notifications`` has the threads
         with something unread, by thread root.
         """
+        self._schedule_flush()  # rows left after a burst go with the next activity
         state = await self._user(user_id)
         notifications = state.rooms.get(room_id)
         if not notifications:

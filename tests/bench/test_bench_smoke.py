@@ -31,12 +31,19 @@ def test_quick_workload_runs_clean_against_our_server(tmp_path):
             assert all(v is None for v in result.metrics.values())
         else:
             assert result.metrics and all(v is not None for v in result.metrics.values()), (
-                key, result.metrics)
+                key,
+                result.metrics,
+            )
             assert result.cpu_s is not None and result.cpu_s >= 0
     assert idle.rss_kib > 0 and final.hwm_kib >= idle.rss_kib and final.cpu_s > idle.cpu_s
 
-    resources = {"ours": {"idle_rss_mib": idle.rss_kib / 1024, "peak_rss_mib": final.hwm_kib / 1024,
-                          "cpu_total_s": final.cpu_s - idle.cpu_s}}
+    resources = {
+        "ours": {
+            "idle_rss_mib": idle.rss_kib / 1024,
+            "peak_rss_mib": final.hwm_kib / 1024,
+            "cpu_total_s": final.cpu_s - idle.cpu_s,
+        }
+    }
     rows = report.build_rows(scale, results, resources)
     table = report.format_table(rows)
     assert "n/a: federation not implemented yet" in table
