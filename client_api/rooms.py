@@ -175,6 +175,8 @@ def register_room_resources(router: Any, hs: Any) -> None:
         who = await requester(request)
         content = parse_body(request, schemas.EVENT_CONTENT)
         message_limiter.check(who.user_id)
+        if await hs.accounts.is_suspended(who.user_id):
+            raise MatrixError("M_USER_SUSPENDED", "Your account is suspended: you cannot send")
         parent, rel_type, key = relation_of(content)
         if event_type == "m.reaction" and rel_type == "m.annotation" and key is not None:
             # One reaction per key per user (a retry of the same transaction is no repeat).

@@ -278,6 +278,12 @@ class AccountStore:
             ),
         )
 
+    async def get_suspended_users(self) -> set[str]:
+        rows = await self.db.select(
+            "suspended_users", "SELECT user_id FROM users WHERE suspended = TRUE"
+        )
+        return {r[0] for r in rows}
+
     async def set_suspended(self, user_id: str, suspended: bool) -> None:
         await self.db.run_interaction(
             "set_suspended",

@@ -151,6 +151,7 @@ class AccountService:
         self.device_deletion_hooks: list[DeviceHook] = []
         # Called after an account is deactivated: hook(user_id, erase).
         self.deactivation_hooks: list[DeactivationHook] = []
+        self._suspended: set[str] | None = None  # loaded on first use
 
     # --- identifiers ------------------------------------------------------------------
     def user_id_for(self, localpart: str) -> str:
@@ -213,8 +214,10 @@ class AccountService:
         return await self.store.user_exists(user_id)
 
     async def is_suspended(self, user_id: str) -> bool:
-        user = await self.store.get_user(user_id)
-        return user is not None and user.suspended
+        """From memory after the first call: every send asks this."""
+        if self._suspended is None:
+            self._suspended = await self.store.get_suspended_users()
+        return user_id in self._suspended
 
     async def check_username(
         self, username: str, app_service: ApplicationService | None = None
@@ -800,3 +803,5 @@ class AccountService:
 
     async def set_suspended(self, user_id: str, suspended: bool) -> None:
         await self.store.set_suspended(user_id, suspended)
+        if self._suspended is not None:
+            (self._suspended.add if suspended else self._suspended.discard)(user_id)

@@ -723,6 +723,17 @@ def test_admin_whois_lock_suspend(closed_server):
                prefix=v1).json() == {"suspended": True}
     assert api(s, "GET", suspend, token=root["access_token"],
                prefix=v1).json() == {"suspended": True}
+    # A suspended user cannot send; once unsuspended they can.
+    room = api(s, "POST", "/createRoom", {"preset": "public_chat"},
+               token=root["access_token"]).json()["room_id"]
+    assert api(s, "POST", f"/join/{quote(room)}", {}, token=worker["access_token"]).status == 200
+    send = f"/rooms/{quote(room)}/send/m.room.message/"
+    assert_error(api(s, "PUT", send + "s1", {"msgtype": "m.text", "body": "hi"},
+                     token=worker["access_token"]), 403, "M_USER_SUSPENDED")
+    assert api(s, "PUT", suspend, {"suspended": False}, token=root["access_token"],
+               prefix=v1).status == 200
+    assert api(s, "PUT", send + "s2", {"msgtype": "m.text", "body": "hi"},
+               token=worker["access_token"]).status == 200
     assert_error(api(s, "GET", f"/admin/lock/{quote('@x:elsewhere.example')}",
                      token=root["access_token"], prefix=v1), 400, "M_INVALID_PARAM")
     assert_error(api(s, "GET", f"/admin/lock/{quote('@nobody:' + s.server_name)}",
