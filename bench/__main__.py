@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -73,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "JSON file (sampling costs CPU: not for the figures)",
     )
     p.add_argument(
+        "--show",
+        type=Path,
+        metavar="JSON",
+        help="print the table of an earlier run's JSON file instead of running",
+    )
+    p.add_argument("--markdown", action="store_true", help="with --show: a Markdown table")
+    p.add_argument(
         "--profile-format",
         choices=["flamegraph", "raw", "speedscope"],
         default="flamegraph",
@@ -105,8 +113,23 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def show(path: Path, markdown: bool) -> int:
+    record = json.loads(path.read_text())
+    rows = record["rows"]
+    load = record["host"]["load_average_start"], record["host"]["load_average_end"]
+    print(
+        f"{record['database']}; ours {record['versions'].get('ours', '?')} vs synapse "
+        f"{record['versions'].get('synapse', 'not run')}; {record['started']}; load average "
+        f"{load[0][0]:.2f} at start, {load[1][0]:.2f} at end, {record['host']['cpus']} CPUs\n"
+    )
+    print(report.format_markdown(rows) if markdown else report.format_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.show is not None:
+        return show(args.show, args.markdown)
     try:
         scale = scale_from(args)
     except ValueError as e:

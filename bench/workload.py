@@ -32,6 +32,7 @@ V1 = "/_matrix/client/v1"
 MB = 1_000_000
 MIB = 1024 * 1024
 PASSWORD = "bench password, not secret"
+MEDIA_MIB = (1, 10)  # sizes uploaded and downloaded in phase 8
 
 
 @dataclass
@@ -46,7 +47,6 @@ class Scale:
     members: int = 200  # members of the room joined one by one
     reactions: int = 200  # reactions to one message
     reactors: int = 10  # users sending them
-    media_mib: tuple[int, ...] = (1, 10)
     media_reps: int = 3
     page_limit: int = 100  # /messages page size
 
@@ -811,8 +811,7 @@ PHASES = [
     Phase("sync_initial", phase_sync_initial),
     Phase("sync_incremental", phase_sync_incremental),
     Phase("paging", phase_paging),
-    Phase("media_1mib", phase_media(1)),
-    Phase("media_10mib", phase_media(10)),
+    *(Phase(f"media_{mib}mib", phase_media(mib)) for mib in MEDIA_MIB),
     Phase("reactions", phase_reactions),
     Phase("big_room", phase_big_room),
     Phase("newcomer_sync", phase_newcomer),

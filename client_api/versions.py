@@ -11,6 +11,7 @@ from homeserver.errors import MatrixError
 # a version is added here only once what it introduced for clients is served.
 SUPPORTED_SPEC_VERSIONS: tuple[str, ...] = (
     "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
+    "v1.11",
 )
 
 # Unstable features we implement, by their MSC feature flag.

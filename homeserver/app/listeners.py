@@ -218,6 +218,4 @@ def start_listeners(hs: Any, reactor: Any, tracker: RequestTracker) -> list[Any]
                 "https" if tls else "http", host, port.getHost().port, ", ".join(sorted(names)),
             )
             ports.append(port)
-    # Background jobs of the media repository (retention, expiry of unused ids).
-    hs.media.start()
     return ports

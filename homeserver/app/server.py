@@ -56,6 +56,9 @@ def run(config: HomeserverConfig) -> int:
     hs = HomeServer(config, reactor, database, signing_keys, max_stream)
     tracker = RequestTracker()
     ports = start_listeners(hs, reactor, tracker)
+    # Background jobs: media retention and expiry, batched push-count writes.
+    hs.media.start()
+    hs.push.start()
     pid_file = config.get("pid_file")
     if pid_file:
         Path(pid_file).write_text(f"{os.getpid()}\n")
@@ -75,6 +78,8 @@ def run(config: HomeserverConfig) -> int:
         await hs.federation_client.close()
         for service in (hs.presence, hs.typing):
             service.shutdown()
+        hs.media.stop()
+        await hs.push.flushed()  # notification counts computed so far reach the database
         await database.close()
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)

@@ -238,7 +238,9 @@ class SyncService:
             entry["summary"] = self._summary(room, req.user_id)
         push = getattr(hs, "push", None)
         if push is not None:
-            counts = await push.unread_counts(req.user_id, room_id)
+            counts = await push.unread_counts(
+                req.user_id, room_id,
+                thread_counts=req.filter.timeline.unread_thread_notifications)
             entry["unread_notifications"] = counts.get("unread_notifications", {})
             if req.filter.timeline.unread_thread_notifications:
                 entry["unread_thread_notifications"] = counts.get(
@@ -345,6 +347,13 @@ class SyncService:
         if account_data is not None:
             events = await account_data.global_changes(
                 req.user_id, 0 if since is None else since.account_data, now.account_data)
+            push = getattr(hs, "push", None)
+            if since is None and push is not None and not any(
+                e.get("type") == "m.push_rules" for e in events
+            ):
+                # Clients expect their push rules in the first sync, changed or not.
+                events = [*events, {"type": "m.push_rules",
+                                    "content": push.push_rules_content(req.user_id)}]
             extras["account_data"] = {"events": req.filter.account_data.filter(events)}
         presence = getattr(hs, "presence", None)
         if presence is not None:

@@ -32,6 +32,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from homeserver.errors import MatrixError
+from homeserver.services.federation_client import DestinationBlockedError
 from homeserver.services.profiles import ProfileService
 from homeserver.services.user_directory import UserDirectory
 from storage.profiles import DirectorySnapshot, StoredProfile
@@ -229,9 +230,10 @@ def test_set_get_and_refusals(server):
             assert await refused(
                 "GET", profile_path(f"@nobody{t}:{server.server_name}", "displayname"), None
             ) == (404, "M_NOT_FOUND")
-            assert await refused("GET", profile_path("@someone:elsewhere.example"), None) == (
-                404,
-                "M_NOT_FOUND",
+            # Another server that cannot be reached (a blocked address: nothing is sent).
+            assert await refused("GET", profile_path("@someone:10.0.0.1:8448"), None) == (
+                502,
+                "M_UNKNOWN",
             )
             # Guests may change their display name, and nothing else.
             status, guest = await call(server, "POST", f"{CLIENT}/register?kind=guest", None, {})
@@ -460,6 +462,10 @@ class FakeProfileStore:
         return True
 
 
+async def unreachable(destination, path, query=None, **kwargs):
+    raise DestinationBlockedError(destination, "blocked by the test")
+
+
 def fake_profile_service(rooms: dict[str, SimpleNamespace], failing: set[str]) -> Any:
     sent: list[tuple[str, dict]] = []
 
@@ -492,6 +498,7 @@ def fake_profile_service(rooms: dict[str, SimpleNamespace], failing: set[str]) -
         room_sender=SimpleNamespace(send=send),
         events_store=SimpleNamespace(get_rooms_for_user=get_rooms_for_user),
         accounts=SimpleNamespace(is_suspended=is_suspended),
+        federation_client=SimpleNamespace(get_json=unreachable),
     )
     service = ProfileService(hs)
     service.store = FakeProfileStore({"@a:test": StoredProfile("Old", None, {})})
@@ -549,7 +556,8 @@ def test_profile_reads_come_from_memory_and_refusals():
     assert (e.value.status, e.value.errcode) == (403, "M_USER_SUSPENDED")
     with pytest.raises(MatrixError) as e:
         result_of(service.get_profile("@x:other.example"))
-    assert e.value.status == 404 and "other servers" in e.value.message
+    # Users of other servers are asked over federation; an unreachable one is 502.
+    assert e.value.status == 502 and "other.example" in e.value.message
 
 
 class FakeDirectoryStore:
