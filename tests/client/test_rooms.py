@@ -309,3 +309,27 @@ def test_deactivated_user_leaves_their_rooms(matrix_server):
         assert [m.user_id for m in members.members] == [alice.user_id]
         await close(alice, bob)
     run(go())
+
+
+def test_rc_message_limits_sends_with_retry_after(tmp_path):
+    from contextlib import ExitStack
+
+    from tests.support.clients import start_e2e_server
+
+    async def go(server):
+        alice = await register(server)
+        room_id = await create(alice, preset="public_chat")  # createRoom counts too
+        statuses = []
+        for i in range(4):
+            status, body = await call(server, alice, "PUT",
+                                      room_path(room_id, f"/send/m.room.message/rl{i}"),
+                                      {"msgtype": "m.text", "body": str(i)})
+            statuses.append(status)
+        assert statuses[0] == 200 and statuses[-1] == 429
+        assert body["errcode"] == "M_LIMIT_EXCEEDED" and body["retry_after_ms"] > 0
+        await close(alice)
+
+    with ExitStack() as stack:
+        server = start_e2e_server(stack, tmp_path, "sqlite3",
+                                  rc_message={"per_second": 0.1, "burst_count": 2})
+        run(go(server))
