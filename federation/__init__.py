@@ -10,12 +10,14 @@ from federation.auth import authenticated
 from federation.keys import register_key_resources
 from federation.media import register_federation_media_resources
 from federation.queries import register_query_resources
+from federation.reads import register_read_resources
 from federation.version import register_federation_resources as register_version_resource
 
 
 def register_federation_resources(router: Any, hs: Any) -> None:
     register_version_resource(router, hs)
     register_query_resources(router, hs)
+    register_read_resources(router, hs)
     register_federation_media_resources(router, hs)
 
 

@@ -303,6 +303,15 @@ class EventsStore:
         )
         return [r[0] for r in rows]
 
+    def recent_txn_ids_txn(self, txn: Txn, since_ts: int) -> list[tuple[str, str | None, str, str]]:
+        """(sender, device_id, txn_id, event_id) of events sent with a transaction id
+        since a time, oldest first (for start-up, via Database.run_blocking)."""
+        return txn.execute(
+            "SELECT sender, device_id, txn_id, event_id FROM events"
+            " WHERE txn_id IS NOT NULL AND origin_server_ts >= ? ORDER BY stream_ordering",
+            (since_ts,),
+        ).fetchall()
+
     async def get_event_id_for_txn(
         self, sender: str, device_id: str | None, txn_id: str
     ) -> str | None:

@@ -13,6 +13,7 @@ from crypto.keys import generate_signing_key, read_signing_keys, write_signing_k
 from homeserver.app.listeners import start_listeners
 from homeserver.config import HomeserverConfig
 from homeserver.http.server import RequestTracker
+from homeserver.services.rooms.sender import TXN_MEMORY_MS
 from homeserver.services.server import HomeServer
 from storage import Database, DatabaseConfig
 
@@ -54,6 +55,8 @@ def run(config: HomeserverConfig) -> int:
         lambda txn: txn.execute("SELECT MAX(stream_ordering) FROM events").fetchone()[0] or 0
     )
     hs = HomeServer(config, reactor, database, signing_keys, max_stream)
+    hs.room_sender.load_recent_txn_ids(database.run_blocking(
+        hs.events_store.recent_txn_ids_txn, hs.clock.time_msec() - TXN_MEMORY_MS))
     tracker = RequestTracker()
     ports = start_listeners(hs, reactor, tracker)
     # Background jobs: media retention and expiry, batched push-count writes.

@@ -221,6 +221,10 @@ class PresenceService:
         presence.stream = self.position
         self._changes[user_id] = self.position
         self._changes.move_to_end(user_id)
+        # Federation: servers sharing a room with the user hear of the change.
+        sender = getattr(self.hs, "federation_sender", None)
+        if sender is not None:
+            sender.on_presence(user_id, presence.content(self.clock.time_msec()))
         d = defer.ensureDeferred(self._wake(user_id))
         d.addErrback(
             lambda f: logger.error(

@@ -394,10 +394,16 @@ class ReceiptsService:
             return
         rooms: set[str] = set()
         users: set[str] = set()
+        federation = getattr(self.hs, "federation_sender", None)
         for queued in accepted:
             self._room_object(queued.room_id).apply(queued.receipt)
             if queued.receipt.receipt_type == READ:
                 rooms.add(queued.room_id)
+                # Federation: public read receipts of local users go to the room's other servers.
+                if federation is not None:
+                    r = queued.receipt
+                    federation.on_receipt(queued.room_id, READ, r.user_id, r.event_id, r.ts,
+                                          None if r.thread_id == UNTHREADED else r.thread_id)
             users.add(queued.receipt.user_id)
         self.position = accepted[-1].receipt.stream_id
         # Unread counts read the receipts from memory: the wake-up sees the new ones.

@@ -21,6 +21,8 @@ from homeserver.services.directory import DirectoryService
 from homeserver.services.e2e_keys import E2eKeysService
 from homeserver.services.events import EventCache, EventsService
 from homeserver.services.federation_client import FederationClient
+from homeserver.services.federation_reads import FederationReads
+from homeserver.services.federation_sender import FederationSender
 from homeserver.services.filters import FilterService
 from homeserver.services.keyring import Keyring
 from homeserver.services.media import MediaService
@@ -93,6 +95,10 @@ class HomeServer:
         self.persister = EventPersister(self.events_store)
         self.persister.on_persisted.append(self._on_persisted)
         self.persister.on_failed.append(self._on_persist_failed)
+        # Federation sender: our events and EDUs to other servers, in transactions. It
+        # catches destinations up (from their durable positions) once the reactor runs.
+        self.federation_sender = FederationSender(self)
+        reactor.callWhenRunning(lambda: reactor.callLater(0, self.federation_sender.start))
         self.room_sender = RoomEventSender(self)
         self.room_creator = RoomCreator(self)
         self.membership = MembershipService(self)
@@ -105,6 +111,8 @@ class HomeServer:
         self.voip = VoipService(self)
         self.relations = RelationsService(self)
         self.persister.on_persisted.append(self.relations.on_persisted)
+        # What other servers may read of our rooms (federation /event, /state, /backfill...)
+        self.federation_reads = FederationReads(self)
         # Accounts: access tokens, registration, login, devices, UIA
         self.auth = Auth(self)
         self.accounts = AccountService(self)

@@ -10,9 +10,9 @@ Which devices have messages waiting is kept in memory (loaded at start-up,
 updated on every send and delivery), so a /sync for a device with nothing
 waiting never reaches the database.
 
-Messages for users on other servers need federation, which is not there yet:
-they are accepted and dropped with a log line (the spec has no error for
-this, and refusing the whole request would also refuse its local recipients).
+Messages for users on other servers go to the federation sender, which
+stores them (one m.direct_to_device EDU per server) until that server has
+acknowledged them.
 """
 
 import logging
@@ -79,15 +79,6 @@ class ToDeviceService:
         """
         local = {u: m for u, m in messages.items() if self.is_mine(u)}
         remote = sorted(u for u in messages if u not in local)
-        if remote:
-            logger.info(
-                "dropping %s to-device messages from %s for %d users on other servers "
-                "(no federation yet): %s",
-                event_type,
-                sender,
-                len(remote),
-                ", ".join(remote[:5]),
-            )
         now = self.hs.clock.time_msec()
         stream_id = self._stream.allocate()
         try:
@@ -105,6 +96,13 @@ class ToDeviceService:
                 entry[0] = stream_id
         users = {user_id for user_id, _ in delivered} if delivered else None
         self._stream.finish(stream_id, users)
+        # Federation: messages for remote users, stored durably until their server has them
+        # (only the first request with this transaction id: ``delivered`` is None on a retry).
+        federation = getattr(self.hs, "federation_sender", None)
+        if remote and delivered is not None and federation is not None:
+            await federation.send_to_device_messages(
+                sender, event_type, {u: messages[u] for u in remote}
+            )
         if now - self._last_cleanup >= TXN_CLEANUP_INTERVAL_MS:
             self._last_cleanup = now
             try:

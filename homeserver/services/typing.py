@@ -110,6 +110,10 @@ class TypingService:
             self.start(user_id, room_id, timeout_ms)
         else:
             self.stop(user_id, room_id)
+        # Federation: the room's other servers hear of it (they time typing out themselves).
+        sender = getattr(self.hs, "federation_sender", None)
+        if sender is not None:
+            sender.on_typing(room_id, user_id, typing)
 
     def start(self, user_id: str, room_id: str, timeout_ms: int | None = None) -> None:
         """``user_id`` is typing in the room (no membership check: federation uses it too)."""

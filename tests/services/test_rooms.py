@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from homeserver.core.events import MEMBER, POWER_LEVELS
 from homeserver.errors import MatrixError
+from homeserver.services.rooms.persister import PersistError
 from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 
@@ -83,7 +84,10 @@ class RoomsTestsMixin:
                 for _ in range(2)
             ])
             self.assertEqual(first.event_id, concurrent.event_id)
-            self.hs.room_sender._txns.clear()  # as after a restart: found in the database
+            # As after a restart: the transaction ids are loaded from the database.
+            self.hs.room_sender._txns.clear()
+            self.hs.room_sender.load_recent_txn_ids(self.hs.database.run_blocking(
+                self.hs.events_store.recent_txn_ids_txn, 0))
             again = await self.hs.room_sender.send(
                 alice, room_id, "m.room.message", content, device_id="D", txn_id="t1")
             self.assertEqual(again.event_id, first.event_id)
@@ -125,6 +129,29 @@ class RoomsTestsMixin:
                                  (await self.hs.room_states.get(room_id)).get(MEMBER, alice).event_id)
         return self.run_async(go())
 
+    def test_a_failed_write_fails_the_request_and_stores_nothing_built_on_it(self):
+        async def go():
+            alice = await add_user(self.hs, "alice")
+            store = self.hs.events_store
+            real = store.persist_events
+            calls = []
+
+            async def fail_first(items):
+                calls.append(items)
+                if len(calls) == 1:
+                    raise RuntimeError("disk on fire")  # fails before the rest is queued
+                return await real(items)
+
+            store.persist_events = fail_first
+            with self.assertRaises(PersistError):
+                await self.hs.room_creator.create_room(alice, {"name": "doomed"})
+            store.persist_events = real
+            rows = await self.hs.database.select("n", "SELECT count(*) FROM events")
+            self.assertEqual(rows, [(0,)])
+            room_id = await self._room(alice, name="fine")
+            self.assertIsNotNone(await self.hs.room_states.get(room_id))
+        return self.run_async(go())
+
 
 class SqliteRoomsTests(RoomsTestsMixin, unittest.TestCase):
     engine = "sqlite3"
@@ -132,3 +159,27 @@ class SqliteRoomsTests(RoomsTestsMixin, unittest.TestCase):
 
 class PostgresRoomsTests(RoomsTestsMixin, unittest.TestCase):
     engine = "psycopg"
+
+
+class CreateRoomCollisionTests(unittest.TestCase):
+    """Two identical /createRoom requests in the same millisecond make two rooms."""
+
+    def test_identical_creates_in_one_millisecond(self):
+        stack = ExitStack()
+        self.addCleanup(stack.close)
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        hs = make_homeserver(stack, directory, "sqlite3")
+        hs.clock.time_msec = lambda: 1_700_000_000_000  # a frozen clock
+
+        async def go():
+            alice = await add_user(hs, "alice")
+            first, second = await defer.gatherResults([
+                defer.ensureDeferred(hs.room_creator.create_room(alice, {"name": "same"}))
+                for _ in range(2)
+            ])
+            self.assertNotEqual(first, second)
+            for room_id in (first, second):
+                room = await hs.room_states.get(room_id)
+                self.assertEqual(room.membership(alice), "join")
+            await close_homeserver(hs)
+        return defer.ensureDeferred(go())

@@ -50,4 +50,5 @@ async def close_homeserver(hs: HomeServer) -> None:
         service = getattr(hs, name, None)
         if service is not None:
             service.shutdown()
+    await hs.push.flushed()
     await hs.database.close()

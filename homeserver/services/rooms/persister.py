@@ -7,6 +7,7 @@ share transactions instead of queueing for the writer one by one.
 """
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +18,20 @@ from storage.events import EventsStore, EventToPersist
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 200
+MAX_FAILED = 10_000
+
+
+class PersistError(Exception):
+    """An event could not be stored (or follows one that could not)."""
 
 
 class EventPersister:
     def __init__(self, store: EventsStore) -> None:
         self._store = store
         self._queue: list[tuple[EventToPersist, defer.Deferred[None]]] = []
+        # Event ids whose persisting failed (most recent last): anything built on
+        # them is refused too, however late it is queued.
+        self._failed: OrderedDict[str, None] = OrderedDict()
         self._running = False
         # Called with each committed batch, in stream order, on the reactor.
         self.on_persisted: list[Callable[[list[EventToPersist]], Any]] = []
@@ -31,6 +40,12 @@ class EventPersister:
 
     def persist(self, item: EventToPersist) -> "defer.Deferred[None]":
         d: defer.Deferred[None] = defer.Deferred()
+        failed = [p for p in item.pdu.prev_event_ids if p in self._failed]
+        if failed:
+            # Built on an event that was never stored: it must not be stored either.
+            self._failed[item.pdu.event_id] = None
+            d.errback(PersistError(f"{item.pdu.event_id} follows {failed[0]}, which failed"))
+            return d
         self._queue.append((item, d))
         if not self._running:
             self._running = True
@@ -63,6 +78,10 @@ class EventPersister:
         rooms = {item.pdu.room_id for item, _ in batch}
         dependent = [(i, d) for i, d in self._queue if i.pdu.room_id in rooms]
         self._queue = [(i, d) for i, d in self._queue if i.pdu.room_id not in rooms]
+        for item, _ in batch + dependent:
+            self._failed[item.pdu.event_id] = None
+        while len(self._failed) > MAX_FAILED:
+            self._failed.popitem(last=False)
         for callback in self.on_failed:
             callback(rooms)
         for _, d in batch + dependent:

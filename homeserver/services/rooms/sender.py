@@ -22,7 +22,8 @@ from homeserver.errors import MatrixError
 from homeserver.services.rooms.state import RoomState
 from storage.events import SNAPSHOT_INTERVAL, EventToPersist
 
-TXN_CACHE_SIZE = 10_000
+TXN_CACHE_SIZE = 100_000
+TXN_MEMORY_MS = 60 * 60 * 1000  # how long a transaction id is remembered
 
 
 def relation_of(content: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
@@ -40,6 +41,7 @@ class RoomEventSender:
     def __init__(self, hs: Any) -> None:
         self.hs = hs
         self._txns: OrderedDict[tuple[str, str | None, str], str] = OrderedDict()
+        self._last_create_ts = 0
         # Requests waiting on a send with the same transaction id still in flight.
         self._pending_txns: dict[tuple[str, str | None, str], list[defer.Deferred[Pdu | None]]] = {}
 
@@ -103,7 +105,14 @@ class RoomEventSender:
     def build_create_event(
         self, version: RoomVersion, sender: str, content: dict[str, Any], room_id: str | None
     ) -> tuple[RoomState, EventToPersist]:
-        """The first event of a new room, and the new room's in-memory state."""
+        """The first event of a new room, and the new room's in-memory state.
+
+        In room 12 the room id is the create event's hash, so two identical
+        creations by one user in the same millisecond would name the same
+        room: each create event gets a timestamp later than the previous one.
+        """
+        ts = max(self.hs.clock.time_msec(), self._last_create_ts + 1)
+        self._last_create_ts = ts
         pdu = build_event(
             version,
             server_name=self.hs.server_name,
@@ -115,7 +124,7 @@ class RoomEventSender:
             prev_events=[],
             auth_events=[],
             depth=1,
-            origin_server_ts=self.hs.clock.time_msec(),
+            origin_server_ts=ts,
             state_key="",
             reference_hashes=(lambda e: "") if version.event_id_in_pdu else None,  # cites nothing
         )
@@ -225,12 +234,21 @@ class RoomEventSender:
         return await self._previous_send((sender, device_id, txn_id))
 
     async def _previous_send(self, key: tuple[str, str | None, str]) -> Pdu | None:
+        """The event an earlier request with this transaction id sent, if any.
+
+        Answered from memory: transaction ids of the last TXN_MEMORY_MS are
+        loaded at start-up (``load_recent_txn_ids``) and kept as events are
+        sent, so a new transaction id costs no database read. (Clients retry
+        within seconds; the spec lets servers forget old transaction ids.)
+        """
         event_id = self._txns.get(key)
-        if event_id is None:
-            event_id = await self.hs.events_store.get_event_id_for_txn(*key)
         if event_id is None:
             return None
         return await self.hs.events.get_event(event_id)
+
+    def load_recent_txn_ids(self, rows: list[tuple[str, str | None, str, str]]) -> None:
+        for sender, device_id, txn_id, event_id in rows:
+            self._remember_txn((sender, device_id, txn_id), event_id)
 
     def _remember_txn(self, key: tuple[str, str | None, str], event_id: str) -> None:
         self._txns[key] = event_id
