@@ -201,3 +201,53 @@ def test_history_visibility_joined_hides_earlier_messages(matrix_server):
         assert "old news" in [e["content"].get("body") for e in page["chunk"]]
         await close(alice, bob)
     run(go())
+
+
+def test_history_visibility_invited_and_world_readable(matrix_server):
+    async def go():
+        alice, bob, stranger = (await register(matrix_server), await register(matrix_server),
+                                await register(matrix_server))
+        invited_room = await create(alice, preset="private_chat", initial_state=[
+            {"type": "m.room.history_visibility", "content": {"history_visibility": "invited"}}])
+        await say(alice, invited_room, "before the invite")
+        await alice.room_invite(invited_room, bob.user_id)
+        await say(alice, invited_room, "after the invite")
+        await bob.join(invited_room)
+        status, page = await call(matrix_server, bob, "GET",
+                                  f"{CLIENT}/rooms/{quote(invited_room)}/messages?dir=b&limit=50")
+        seen = [e["content"].get("body") for e in page["chunk"]]
+        assert "after the invite" in seen and "before the invite" not in seen
+
+        open_room = await create(alice, preset="public_chat", initial_state=[
+            {"type": "m.room.history_visibility",
+             "content": {"history_visibility": "world_readable"}}])
+        await say(alice, open_room, "for everyone")
+        # Someone who never joined may read a world-readable room's history.
+        status, page = await call(matrix_server, stranger, "GET",
+                                  f"{CLIENT}/rooms/{quote(open_room)}/messages?dir=b&limit=50")
+        assert status == 200
+        assert "for everyone" in [e["content"].get("body") for e in page["chunk"]]
+        status, _ = await call(matrix_server, stranger, "GET",
+                               f"{CLIENT}/rooms/{quote(invited_room)}/messages?dir=b")
+        assert status == 403
+        await close(alice, bob, stranger)
+    run(go())
+
+
+def test_knock_appears_in_the_knock_section(matrix_server):
+    async def go():
+        admin, knocker = await register(matrix_server), await register(matrix_server)
+        room_id = await create(admin, preset="private_chat", name="Knock here", initial_state=[
+            {"type": "m.room.join_rules", "content": {"join_rule": "knock"}}])
+        since = (await knocker.sync(timeout=0)).next_batch
+        status, _ = await call(matrix_server, knocker, "POST", f"{CLIENT}/knock/{quote(room_id)}",
+                               {"reason": "hello"})
+        assert status == 200
+        status, sync = await call(matrix_server, knocker, "GET", f"{CLIENT}/sync?since={since}")
+        knock_state = sync["rooms"]["knock"][room_id]["knock_state"]["events"]
+        assert {"type": "m.room.name", "state_key": "", "content": {"name": "Knock here"},
+                "sender": admin.user_id} in knock_state
+        assert any(e["type"] == "m.room.member" and e["content"]["membership"] == "knock"
+                   for e in knock_state)
+        await close(admin, knocker)
+    run(go())
