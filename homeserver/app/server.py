@@ -78,6 +78,7 @@ def run(config: HomeserverConfig) -> int:
                            SHUTDOWN_GRACE_SECONDS)
         else:
             timeout.cancel()
+        hs.federation_sender.shutdown()  # positions are durable; nothing to flush
         await hs.federation_client.close()
         for service in (hs.presence, hs.typing):
             service.shutdown()
