@@ -18,12 +18,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from homeserver.services.account_data import AccountDataService, StreamWriter
-from tests.support.clients import CLIENT, call, close, register
+from tests.support.clients import CLIENT, call, close, register, run
 from tests.support.homeserver import make_homeserver
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def global_path(user_id: str, data_type: str) -> str:

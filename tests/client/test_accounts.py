@@ -4,7 +4,6 @@ The real server (SQLite and PostgreSQL for everything that touches storage)
 driven by matrix-nio, with raw HTTP only for what nio lacks.
 """
 
-import asyncio
 import hashlib
 import hmac
 import os
@@ -34,6 +33,7 @@ from nio import (
 )
 from nio.responses import RegisterErrorResponse
 
+from tests.support.clients import run
 from tests.support.http import Response, request
 from tests.support.postgres import throwaway_database
 from tests.support.server import REPO, RunningServer, free_port, start_server
@@ -66,8 +66,6 @@ def start(directory: Path, **overrides: Any) -> RunningServer:
             os.environ["HOMESERVER_BCRYPT_ROUNDS"] = saved
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 def api(

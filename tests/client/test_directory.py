@@ -4,7 +4,6 @@ Driven by matrix-nio where it has the call, by raw HTTP with the user's access
 token where it does not. Every scenario runs on SQLite and on PostgreSQL.
 """
 
-import asyncio
 import hashlib
 import hmac
 import uuid
@@ -27,6 +26,7 @@ from nio import (
 )
 from nio.responses import PublicRoomsResponse
 
+from tests.support.clients import run
 from tests.support.http import request
 from tests.support.postgres import throwaway_database
 from tests.support.server import start_server
@@ -172,8 +172,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def run(coro):
-    return asyncio.run(coro)
 
 
 # --- aliases ---------------------------------------------------------------------------

@@ -17,22 +17,20 @@ from typing import Any
 from urllib.parse import quote
 
 from nacl.signing import SigningKey
-from nio import AsyncClient, JoinError, LoginResponse, RoomCreateResponse
+from nio import AsyncClient, JoinError, LoginResponse
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from crypto.b64 import encode_base64
 from crypto.canonical_json import encode_canonical_json
 from homeserver.services.device_lists import DeviceListsService
-from tests.support.clients import CLIENT, call, close, register
+from tests.support.clients import CLIENT, call, close, register, run, shared_room
 from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 PASSWORD = "correct horse battery"
 ALG = "signed_curve25519"
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def sign(obj: dict[str, Any], user_id: str, key_id: str, key: SigningKey) -> dict[str, Any]:
@@ -129,13 +127,6 @@ async def login(server: Any, user_id: str, name: str = "second") -> AsyncClient:
     return client
 
 
-async def shared_room(*clients: Any) -> str:
-    creator, *others = clients
-    response = await creator.room_create(invite=[c.user_id for c in others])
-    assert isinstance(response, RoomCreateResponse), response
-    for client in others:
-        assert not isinstance(await client.join(response.room_id), JoinError)
-    return response.room_id
 
 
 async def upload(server: Any, device: Device, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,15 +1,10 @@
 """Sending, redacting and reading single events end to end with matrix-nio."""
 
-import asyncio
 from urllib.parse import quote
 
 from nio import RoomSendResponse
 
-from tests.support.clients import CLIENT, call, close, create, register, say
-
-
-def run(coro):
-    return asyncio.run(coro)
+from tests.support.clients import CLIENT, call, close, create, register, run, say
 
 
 def room_path(room_id: str, rest: str) -> str:

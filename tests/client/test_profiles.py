@@ -36,6 +36,7 @@ from homeserver.services.federation_client import DestinationBlockedError
 from homeserver.services.profiles import ProfileService
 from homeserver.services.user_directory import UserDirectory
 from storage.profiles import DirectorySnapshot, StoredProfile
+from tests.support.clients import run
 from tests.support.postgres import throwaway_database
 from tests.support.server import start_server
 
@@ -67,8 +68,6 @@ def server(request, tmp_path_factory):
         yield s
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def tag() -> str:

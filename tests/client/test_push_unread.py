@@ -12,24 +12,15 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-from nio import JoinError, RoomCreateResponse, RoomSendResponse, SyncResponse
+from nio import RoomSendResponse, SyncResponse
 
-from tests.support.clients import CLIENT, call, close, register
+from tests.support.clients import CLIENT, call, close, register, run, shared_room
 
 THREADS_FILTER = {"room": {"timeline": {"unread_thread_notifications": True}}}
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def shared_room(*clients: Any) -> str:
-    creator, *others = clients
-    response = await creator.room_create(invite=[c.user_id for c in others])
-    assert isinstance(response, RoomCreateResponse), response
-    for client in others:
-        assert not isinstance(await client.join(response.room_id), JoinError)
-    return response.room_id
 
 
 async def send(client: Any, room_id: str, body: str, msgtype: str = "m.text", **extra: Any) -> str:

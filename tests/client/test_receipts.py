@@ -13,9 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from nio import (
-    JoinError,
     ReceiptEvent,
-    RoomCreateResponse,
     RoomReadMarkersResponse,
     RoomSendResponse,
     SyncResponse,
@@ -23,20 +21,7 @@ from nio import (
 )
 from nio.api import ReceiptType
 
-from tests.support.clients import CLIENT, call, close, register
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def shared_room(*clients: Any) -> str:
-    creator, *others = clients
-    response = await creator.room_create(invite=[c.user_id for c in others])
-    assert isinstance(response, RoomCreateResponse), response
-    for client in others:
-        assert not isinstance(await client.join(response.room_id), JoinError)
-    return response.room_id
+from tests.support.clients import CLIENT, call, close, register, run, shared_room
 
 
 async def send_text(client: Any, room_id: str, body: str, **extra: Any) -> str:

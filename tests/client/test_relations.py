@@ -1,15 +1,12 @@
 """Edits, reactions, threads and references end to end: bundles, /relations, /threads."""
 
-import asyncio
 from urllib.parse import quote
 
-from tests.support.clients import CLIENT, call, close, create, register, say
+from tests.support.clients import CLIENT, call, close, create, register, run, say
 
 V1 = "/_matrix/client/v1"
 
 
-def run(coro):
-    return asyncio.run(coro)
 
 
 async def send(server, client, room_id, event_type, content, txn):

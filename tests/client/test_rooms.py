@@ -1,6 +1,5 @@
 """Rooms end to end with matrix-nio: creation presets, power levels, membership, state."""
 
-import asyncio
 from urllib.parse import quote
 
 import pytest
@@ -12,11 +11,7 @@ from nio import (
     RoomSendResponse,
 )
 
-from tests.support.clients import CLIENT, call, close, create, register, say
-
-
-def run(coro):
-    return asyncio.run(coro)
+from tests.support.clients import CLIENT, call, close, create, register, run, say
 
 
 def room_path(room_id: str, rest: str = "") -> str:

@@ -7,11 +7,7 @@ from urllib.parse import quote
 
 from nio import RoomMessageText, SyncResponse
 
-from tests.support.clients import CLIENT, call, close, create, register, say
-
-
-def run(coro):
-    return asyncio.run(coro)
+from tests.support.clients import CLIENT, call, close, create, register, run, say
 
 
 def bodies(sync: SyncResponse, room_id: str) -> list[str]:

@@ -19,12 +19,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from homeserver.services.to_device import ToDeviceService
-from tests.support.clients import CLIENT, call, close, register
+from tests.support.clients import CLIENT, call, close, register, run
 from tests.support.homeserver import add_user, make_homeserver
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def sync(server: Any, client: Any, since: str | None = None, timeout: int = 0) -> dict:

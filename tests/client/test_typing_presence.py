@@ -14,10 +14,8 @@ from urllib.parse import quote
 
 import pytest
 from nio import (
-    JoinError,
     PresenceGetError,
     PresenceGetResponse,
-    RoomCreateResponse,
     RoomTypingError,
     RoomTypingResponse,
     SyncResponse,
@@ -31,20 +29,7 @@ from homeserver.services.clock import Clock
 from homeserver.services.notifier import Notifier
 from homeserver.services.presence import IDLE_TIMEOUT_MS, OFFLINE_TIMEOUT_MS, PresenceService
 from homeserver.services.typing import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS, TypingService
-from tests.support.clients import CLIENT, call, close, register
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def shared_room(*clients: Any) -> str:
-    creator, *others = clients
-    response = await creator.room_create(invite=[c.user_id for c in others])
-    assert isinstance(response, RoomCreateResponse), response
-    for client in others:
-        assert not isinstance(await client.join(response.room_id), JoinError)
-    return response.room_id
+from tests.support.clients import CLIENT, call, close, register, run, shared_room
 
 
 async def typing_in(response: SyncResponse, room_id: str) -> list[str] | None:

@@ -12,7 +12,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from nio import AsyncClient, RegisterResponse, RoomCreateResponse, RoomPreset, RoomVisibility
+from nio import (
+    AsyncClient,
+    JoinError,
+    RegisterResponse,
+    RoomCreateResponse,
+    RoomPreset,
+    RoomVisibility,
+)
 
 from tests.support.postgres import throwaway_database
 from tests.support.server import RunningServer, start_server
@@ -82,6 +89,21 @@ async def call(server: RunningServer, client: AsyncClient | None, method: str, p
             except ValueError:
                 data = await response.text()
             return response.status, data
+
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    """Run a test's coroutine, failing it (not hanging) after ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def shared_room(*clients: AsyncClient) -> str:
+    """A room the first client creates and invites the others to; they all join."""
+    creator, *others = clients
+    response = await creator.room_create(invite=[c.user_id for c in others])
+    assert isinstance(response, RoomCreateResponse), response
+    for client in others:
+        assert not isinstance(await client.join(response.room_id), JoinError)
+    return response.room_id
 
 
 async def close(*clients: AsyncClient) -> None:
