@@ -1,14 +1,13 @@
 """Each typing / presence / account data / tags / to-device request schema accepts the
 spec's request examples (whole ones, and ones assembled from property examples)."""
 
-from typing import Any
 
 import pytest
 
 from client_api.schemas import ephemeral as schemas
 from homeserver.errors import MatrixError
 from homeserver.http.validation import validate
-from tests.support.spec import DATA, client_server_operation, load_yaml, request_examples
+from tests.support.spec import property_example, request_examples
 
 ENDPOINTS = [
     ("typing.yaml", "/rooms/{roomId}/typing/{userId}", "put", schemas.TYPING),
@@ -25,24 +24,6 @@ ENDPOINTS = [
 ]
 
 
-def _schema(node: dict[str, Any]) -> dict[str, Any]:
-    """Follow a ``$ref`` to another client-server file (tags.yaml's body is one)."""
-    ref = node.get("$ref")
-    if ref and "#" not in ref:
-        return load_yaml(str((DATA / "api/client-server" / ref).relative_to(DATA)))
-    return node
-
-
-def property_example(filename: str, path: str, method: str) -> dict[str, Any] | None:
-    """A body made of the request schema's per-property examples, if it has any."""
-    operation = client_server_operation(filename, path, method)
-    schema = _schema(operation["requestBody"]["content"]["application/json"]["schema"])
-    body = {
-        name: prop["example"]
-        for name, prop in schema.get("properties", {}).items()
-        if "example" in prop
-    }
-    return body or None
 
 
 @pytest.mark.parametrize(

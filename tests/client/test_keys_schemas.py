@@ -1,14 +1,13 @@
 """Each /keys/* request schema accepts the spec's request examples (whole ones, and
 ones assembled from property examples) and refuses bodies of the wrong shape."""
 
-from typing import Any
 
 import pytest
 
 from client_api.schemas import keys as schemas
 from homeserver.errors import MatrixError
 from homeserver.http.validation import validate
-from tests.support.spec import client_server_operation, request_examples
+from tests.support.spec import property_example, request_examples
 
 ENDPOINTS = [
     ("keys.yaml", "/keys/upload", "post", schemas.UPLOAD_KEYS),
@@ -24,16 +23,6 @@ ENDPOINTS = [
 ]
 
 
-def property_example(filename: str, path: str, method: str) -> dict[str, Any] | None:
-    """A body made of the request schema's per-property examples, if it has any."""
-    operation = client_server_operation(filename, path, method)
-    schema = operation["requestBody"]["content"]["application/json"]["schema"]
-    body = {
-        name: prop["example"]
-        for name, prop in schema.get("properties", {}).items()
-        if "example" in prop
-    }
-    return body or None
 
 
 @pytest.mark.parametrize(

@@ -40,5 +40,25 @@ def request_examples(filename: str, path: str, method: str) -> list[Any]:
     return examples
 
 
+def _follow_file_ref(node: dict[str, Any]) -> dict[str, Any]:
+    """Follow a ``$ref`` to another client-server file (tags.yaml's body is one)."""
+    ref = node.get("$ref")
+    if ref and "#" not in ref:
+        return load_yaml(str((DATA / "api/client-server" / ref).relative_to(DATA)))
+    return node
+
+
+def property_example(filename: str, path: str, method: str) -> dict[str, Any] | None:
+    """A body made of the request schema's per-property examples, if it has any."""
+    operation = client_server_operation(filename, path, method)
+    schema = _follow_file_ref(operation["requestBody"]["content"]["application/json"]["schema"])
+    body = {
+        name: prop["example"]
+        for name, prop in schema.get("properties", {}).items()
+        if "example" in prop
+    }
+    return body or None
+
+
 def test_vectors() -> dict[str, Any]:
     return json.loads((SPEC / "test-vectors.json").read_text())
