@@ -312,16 +312,6 @@ class EventsStore:
             (since_ts,),
         ).fetchall()
 
-    async def get_event_id_for_txn(
-        self, sender: str, device_id: str | None, txn_id: str
-    ) -> str | None:
-        rows = await self.db.select(
-            "event_for_txn",
-            "SELECT event_id FROM events WHERE sender = ? AND COALESCE(device_id, '') = COALESCE(?, '')"
-            " AND txn_id = ?",
-            (sender, device_id, txn_id),
-        )
-        return rows[0][0] if rows else None
 
     async def get_event_state_group(self, event_id: str) -> int | None:
         rows = await self.db.select(

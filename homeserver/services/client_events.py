@@ -51,9 +51,8 @@ class ClientEventSerializer:
         redaction_ids = [p.redacted_because for p in pdus if p.redacted_because]
         redactions = await hs.events.get_events(redaction_ids) if redaction_ids else {}
         relations: dict[str, dict[str, Any]] = {}
-        relations_service = getattr(hs, "relations", None)
-        if bundle_aggregations and relations_service is not None and user_id is not None:
-            relations = await relations_service.bundled_aggregations(user_id, pdus)
+        if bundle_aggregations and user_id is not None:
+            relations = await hs.relations.bundled_aggregations(user_id, pdus)
         result = []
         for pdu in pdus:
             extra: dict[str, Any] = {}

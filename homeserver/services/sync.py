@@ -46,27 +46,20 @@ class SyncService:
     # --- positions ---------------------------------------------------------------------
     def current_token(self) -> StreamToken:
         hs = self.hs
-
-        def position(name: str) -> int:
-            source = getattr(hs, name, None)
-            return source.position if source is not None else 0
-
         return StreamToken(
             events=hs.notifier.position,
-            typing=position("typing"),
-            receipts=position("receipts"),
-            account_data=position("account_data"),
-            to_device=position("to_device"),
-            presence=position("presence"),
-            device_lists=position("device_lists"),
+            typing=hs.typing.position,
+            receipts=hs.receipts.position,
+            account_data=hs.account_data.position,
+            to_device=hs.to_device.position,
+            presence=hs.presence.position,
+            device_lists=hs.device_lists.position,
         )
 
     # --- the request ---------------------------------------------------------------------
     async def sync(self, request: SyncRequest) -> dict[str, Any]:
         hs = self.hs
-        presence = getattr(hs, "presence", None)
-        if presence is not None:
-            await presence.on_sync(request.user_id, request.set_presence)
+        await hs.presence.on_sync(request.user_id, request.set_presence)
         deadline = hs.clock.time_msec() + request.timeout_ms
         while True:
             now = self.current_token()
@@ -116,19 +109,18 @@ class SyncService:
         result: dict[str, Any] = {"next_batch": str(now)}
         if rooms:
             result["rooms"] = rooms
-        extras = await self._global_extras(req, now)
-        reached = extras.pop("_to_device_reached", None)
-        if reached is not None:
-            result["next_batch"] = str(now.copy_with(to_device=reached))
+        extras, to_device_reached = await self._global_extras(req, now)
+        if to_device_reached < now.to_device:
+            # A capped to-device batch stops the token where it stopped.
+            result["next_batch"] = str(now.copy_with(to_device=to_device_reached))
         result.update(extras)
         empty = not rooms and "device_lists" not in extras and not any(
             (v.get("events") if isinstance(v, dict) else v) for v in extras.values()
         )
         # End-to-end keys: the device's one-time key counts and unused fallback key
         # algorithms, in every response (they never make a sync non-empty).
-        e2e_keys = getattr(hs, "e2e_keys", None)
-        if e2e_keys is not None and req.device_id is not None:
-            result.update(await e2e_keys.sync_fields(req.user_id, req.device_id))
+        if req.device_id is not None:
+            result.update(await hs.e2e_keys.sync_fields(req.user_id, req.device_id))
         return result, empty
 
     # --- rooms ----------------------------------------------------------------------------
@@ -236,17 +228,11 @@ class SyncService:
         }
         if initial or any(p.type == MEMBER for p in timeline) or state_events:
             entry["summary"] = self._summary(room, req.user_id)
-        push = getattr(hs, "push", None)
-        if push is not None:
-            counts = await push.unread_counts(
-                req.user_id, room_id,
-                thread_counts=req.filter.timeline.unread_thread_notifications)
-            entry["unread_notifications"] = counts.get("unread_notifications", {})
-            if req.filter.timeline.unread_thread_notifications:
-                entry["unread_thread_notifications"] = counts.get(
-                    "unread_thread_notifications", {})
-        else:
-            entry["unread_notifications"] = {"notification_count": 0, "highlight_count": 0}
+        counts = await hs.push.unread_counts(
+            req.user_id, room_id, thread_counts=req.filter.timeline.unread_thread_notifications)
+        entry["unread_notifications"] = counts.get("unread_notifications", {})
+        if req.filter.timeline.unread_thread_notifications:
+            entry["unread_thread_notifications"] = counts.get("unread_thread_notifications", {})
         return entry
 
     async def _filter_state(
@@ -318,63 +304,49 @@ class SyncService:
         hs = self.hs
         events: list[Any] = []
         since = req.since
-        typing = getattr(hs, "typing", None)
-        if typing is not None:
-            event = typing.typing_event(room_id, None if since is None else since.typing)
-            if event is not None:
-                events.append(event)
-        receipts = getattr(hs, "receipts", None)
-        if receipts is not None:
-            event = await receipts.receipt_event(
-                req.user_id, room_id, None if since is None else since.receipts, now.receipts)
-            if event is not None:
-                events.append(event)
+        event = hs.typing.typing_event(room_id, None if since is None else since.typing)
+        if event is not None:
+            events.append(event)
+        event = await hs.receipts.receipt_event(
+            req.user_id, room_id, None if since is None else since.receipts, now.receipts)
+        if event is not None:
+            events.append(event)
         return req.filter.ephemeral.filter(events)
 
     async def _room_account_data(self, req: SyncRequest, room_id: str, now: StreamToken) -> list[Any]:
-        account_data = getattr(self.hs, "account_data", None)
-        if account_data is None:
-            return []
         since = 0 if req.since is None else req.since.account_data
-        events = await account_data.room_changes(req.user_id, room_id, since, now.account_data)
+        events = await self.hs.account_data.room_changes(req.user_id, room_id, since, now.account_data)
         return req.filter.room_account_data.filter(events)
 
-    async def _global_extras(self, req: SyncRequest, now: StreamToken) -> dict[str, Any]:
+    async def _global_extras(
+        self, req: SyncRequest, now: StreamToken
+    ) -> tuple[dict[str, Any], int]:
+        """Account data, presence, to-device and device lists; and the to-device
+        position actually reached (below ``now`` when the batch was capped)."""
         hs = self.hs
         since = req.since
         extras: dict[str, Any] = {}
-        account_data = getattr(hs, "account_data", None)
-        if account_data is not None:
-            events = await account_data.global_changes(
-                req.user_id, 0 if since is None else since.account_data, now.account_data)
-            push = getattr(hs, "push", None)
-            if since is None and push is not None and not any(
-                e.get("type") == "m.push_rules" for e in events
-            ):
-                # Clients expect their push rules in the first sync, changed or not.
-                events = [*events, {"type": "m.push_rules",
-                                    "content": push.push_rules_content(req.user_id)}]
-            extras["account_data"] = {"events": req.filter.account_data.filter(events)}
-        presence = getattr(hs, "presence", None)
-        if presence is not None:
-            events = await presence.updates_for(
-                req.user_id, None if since is None else since.presence, now.presence)
-            extras["presence"] = {"events": req.filter.presence.filter(events)}
-        to_device = getattr(hs, "to_device", None)
-        if to_device is not None and req.device_id is not None:
-            events = await to_device.messages_for(
+        events = await hs.account_data.global_changes(
+            req.user_id, 0 if since is None else since.account_data, now.account_data)
+        if since is None and not any(e.get("type") == "m.push_rules" for e in events):
+            # Clients expect their push rules in the first sync, changed or not.
+            events = [*events, {"type": "m.push_rules",
+                                "content": hs.push.push_rules_content(req.user_id)}]
+        extras["account_data"] = {"events": req.filter.account_data.filter(events)}
+        events = await hs.presence.updates_for(
+            req.user_id, None if since is None else since.presence, now.presence)
+        extras["presence"] = {"events": req.filter.presence.filter(events)}
+        reached = now.to_device
+        if req.device_id is not None:
+            messages = await hs.to_device.messages_for(
                 req.user_id, req.device_id, 0 if since is None else since.to_device,
                 now.to_device, limit=TO_DEVICE_LIMIT)
-            extras["to_device"] = {"events": list(events)}
-            # A capped batch stops the token where it stopped, so the rest come next.
-            reached = getattr(events, "position", now.to_device)
-            if reached < now.to_device:
-                extras["_to_device_reached"] = reached
-        device_lists = getattr(hs, "device_lists", None)
-        if device_lists is not None and since is not None:
-            changes = await device_lists.changes_for(req.user_id, since.device_lists,
-                                                     now.device_lists, since_events=since.events,
-                                                     upto_events=now.events)
+            extras["to_device"] = {"events": list(messages)}
+            reached = messages.position
+        if since is not None:
+            changes = await hs.device_lists.changes_for(
+                req.user_id, since.device_lists, now.device_lists,
+                since_events=since.events, upto_events=now.events)
             if changes.get("changed") or changes.get("left"):
                 extras["device_lists"] = changes
-        return extras
+        return extras, reached

@@ -36,6 +36,7 @@ E2E_CONFIG: dict[str, Any] = {
     "rc_registration": NO_LIMIT,
     "rc_login": {"address": NO_LIMIT, "account": NO_LIMIT, "failed_attempts": NO_LIMIT},
     "rc_joins": {"local": NO_LIMIT, "remote": NO_LIMIT},
+    "rc_joins_per_room": NO_LIMIT,
     "rc_invites": {"per_room": NO_LIMIT, "per_user": NO_LIMIT, "per_issuer": NO_LIMIT},
 }
 

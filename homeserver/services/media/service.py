@@ -295,26 +295,33 @@ class MediaService:
         upload = self._claim(sink)
         try:
             await self._check_quota(user_id, upload.length)
-            record = MediaRecord(
-                origin=self.server_name,
-                media_id=_new_media_id(),
-                user_id=user_id,
-                media_type=_clean_content_type(content_type),
-                upload_name=_clean_upload_name(filename),
-                media_length=upload.length,
-                sha256=upload.sha256,
-                created_ts=self._clock.time_msec(),
-                unused_expires_ts=None,
-                last_access_ts=None,
-                quarantined_by=None,
-                safe_from_quarantine=False,
-                authenticated=self.authenticated_media,
-            )
+            record = self._new_local_record(
+                user_id, _clean_content_type(content_type), filename, upload)
             await self._store(upload, record)
         finally:
             self._discard_file(upload.path)
         self._uploaded(record)
         return f"mxc://{self.server_name}/{record.media_id}"
+
+    def _new_local_record(
+        self, user_id: str | None, media_type: str, filename: str | None, upload: Any
+    ) -> MediaRecord:
+        """The record of new local media whose bytes ``upload`` holds."""
+        return MediaRecord(
+            origin=self.server_name,
+            media_id=_new_media_id(),
+            user_id=user_id,
+            media_type=media_type,
+            upload_name=_clean_upload_name(filename),
+            media_length=upload.length,
+            sha256=upload.sha256,
+            created_ts=self._clock.time_msec(),
+            unused_expires_ts=None,
+            last_access_ts=None,
+            quarantined_by=None,
+            safe_from_quarantine=False,
+            authenticated=self.authenticated_media,
+        )
 
     async def create(self, user_id: str) -> dict[str, Any]:
         """POST /create: a media id to upload to later."""
@@ -693,21 +700,7 @@ class MediaService:
                 )
             except (CannotThumbnail, ImageTooLarge) as e:
                 raise MatrixError("M_UNKNOWN", f"Not a usable image: {e}") from None
-            record = MediaRecord(
-                origin=self.server_name,
-                media_id=_new_media_id(),
-                user_id=None,
-                media_type=info.content_type,
-                upload_name=_clean_upload_name(name),
-                media_length=upload.length,
-                sha256=upload.sha256,
-                created_ts=self._clock.time_msec(),
-                unused_expires_ts=None,
-                last_access_ts=None,
-                quarantined_by=None,
-                safe_from_quarantine=False,
-                authenticated=self.authenticated_media,
-            )
+            record = self._new_local_record(None, info.content_type, name, upload)
             await self._store(upload, record)
         finally:
             self._discard_file(upload.path)
