@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.federation import run_federation
 from bench.servers import (
     BENCH_DIR,
     REPO,
@@ -40,6 +41,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--members", type=int, help="members joining the big room one by one")
     p.add_argument("--reactions", type=int, help="reactions to one message")
     p.add_argument("--media-reps", type=int, help="uploads+downloads per media size")
+    p.add_argument(
+        "--federation",
+        action="store_true",
+        help="also run phase 12: both servers federate over loopback TLS; each joins a "
+        "--fed-members room of the other, and --fed-messages messages go across each way "
+        "(adds several minutes at the default scale)",
+    )
+    p.add_argument(
+        "--federation-only",
+        action="store_true",
+        help="run phase 12 alone (implies --federation; phases 1-10 show 'not run')",
+    )
+    p.add_argument(
+        "--fed-members", type=int, help="members of the room each server joins (default 500)"
+    )
+    p.add_argument(
+        "--fed-messages", type=int, help="messages sent across in each direction (default 1000)"
+    )
+    p.add_argument(
+        "--fed-rate",
+        type=float,
+        help="phase 12's senders send at most this many messages a second (default: "
+        "as fast as each send is answered)",
+    )
+    p.add_argument(
+        "--fed-room-version",
+        help="room version of phase 12's rooms, the same on both servers (default 10)",
+    )
     p.add_argument(
         "--postgres",
         action="store_true",
@@ -101,6 +130,10 @@ def scale_from(args: argparse.Namespace) -> Scale:
         "members",
         "reactions",
         "media_reps",
+        "fed_members",
+        "fed_messages",
+        "fed_room_version",
+        "fed_rate",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -135,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         log(f"bench: {e}")
         return 2
+    federation = args.federation or args.federation_only
+    if federation and args.no_synapse:
+        log("bench: --federation needs Synapse (drop --no-synapse)")
+        return 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = args.output or REPO / "bench-results" / f"{stamp}.json"
     workdir = BENCH_DIR / "runs" / stamp
@@ -147,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[ServerProcess] = []
     resources: dict[str, dict[str, float]] = {}
     versions: dict[str, str] = {}
+    keep = args.keep
     try:
         with ExitStack() as stack:
             create_db = stack.enter_context(throwaway_databases()) if args.postgres else None
             ours = OurServer(
-                workdir / "ours", create_db("ours") if create_db else None, args.bcrypt_rounds
+                workdir / "ours",
+                create_db("ours") if create_db else None,
+                args.bcrypt_rounds,
+                federation=federation,
             )
             servers.append(ours)
             if not args.no_synapse:
@@ -159,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     workdir / "synapse",
                     create_db("synapse") if create_db else None,
                     args.bcrypt_rounds,
+                    federation=federation,
                 )
                 servers.append(synapse)
             for server in servers:
@@ -182,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                 resources[server.label].update(
                     idle_rss_mib=st.rss_kib / 1024, startup_cpu_s=st.cpu_s
                 )
-            results = asyncio.run(run_workload(servers, scale, settle_s=args.settle, log=log))
+            if args.federation_only:
+                results: dict[str, dict[str, Any]] = {s.label: {} for s in servers}
+            else:
+                results = asyncio.run(run_workload(servers, scale, settle_s=args.settle, log=log))
+            # Row 11 covers phases 1-10 only, as in runs without phase 12.
             for server in servers:
                 st = server.stats()
                 resources[server.label].update(
@@ -190,8 +236,33 @@ def main(argv: list[str] | None = None) -> int:
                     final_rss_mib=st.rss_kib / 1024,
                     cpu_total_s=st.cpu_s - resources[server.label]["startup_cpu_s"],
                 )
+            if federation:
+                log(
+                    f"bench: phase 12, federation: {ours.server_name} (ours) and "
+                    f"{synapse.server_name} (synapse)"
+                )
+                fed_t0 = time.perf_counter()
+                fed = asyncio.run(
+                    run_federation(ours, synapse, scale, settle_s=args.settle, log=log)
+                )
+                for server in servers:
+                    results[server.label].update(fed[server.label])
+                    st = server.stats()
+                    resources[server.label].update(
+                        peak_rss_after_federation_mib=st.hwm_kib / 1024,
+                        cpu_total_with_federation_s=st.cpu_s
+                        - resources[server.label]["startup_cpu_s"],
+                    )
+                log(f"bench: phase 12 took {time.perf_counter() - fed_t0:.0f}s")
+                if any(r.errors for per in fed.values() for r in per.values()):
+                    keep = True
+                    log(
+                        "bench: phase 12 had errors; keeping the servers' logs: "
+                        + ", ".join(str(x.log_path) for x in servers)
+                        + f" (Synapse's own log: {workdir / 'synapse' / 'homeserver.log'})"
+                    )
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     load_end = os.getloadavg()
     rows = report.build_rows(scale, results, resources, args.bcrypt_rounds)

@@ -110,6 +110,37 @@ def metrics(scale: Scale, bcrypt_rounds: int | None = None) -> list[Metric]:
     return rows
 
 
+FEDERATION_PHASES = ("fed_join", "fed_messages")
+
+
+def federation_metrics(scale: Scale) -> list[Metric]:
+    """Phase 12. Columns: the joining server (12a), the receiving server (12b)."""
+    s = scale
+    return [
+        Metric(
+            "fed_join",
+            "join_s",
+            f"12a. join a {s.fed_members}-member room of the other server",
+            "s",
+            False,
+            1,  # the issue's target: our join no slower than Synapse's
+        ),
+        Metric("fed_join", "sync_s", "     ... until the joiner's /sync shows it", "s", False),
+        Metric("fed_join", "cpu_s", "     CPU s of the joining server", "s", False),
+        Metric(
+            "fed_messages",
+            "per_s",
+            f"12b. receive {s.fed_messages} msgs sent by the other server"
+            + (f" at {s.fed_rate:g}/s" if s.fed_rate else ""),
+            "events/s",
+            True,
+        ),
+        Metric("fed_messages", "p50_ms", "     cross-server latency p50", "ms", False),
+        Metric("fed_messages", "p95_ms", "     cross-server latency p95", "ms", False),
+        Metric("fed_messages", "cpu_s", "     CPU s of the receiving server", "s", False),
+    ]
+
+
 def ratio(metric: Metric, ours: float | None, synapse: float | None) -> float | None:
     if ours is None or synapse is None or ours <= 0 or synapse <= 0:
         return None
@@ -141,7 +172,7 @@ def _cell(
         return "n/a", None
     if result.errors:
         return f"{result.errors} errors", None
-    value = result.metrics.get(metric.key)
+    value = result.cpu_s if metric.key == "cpu_s" else result.metrics.get(metric.key)
     return _fmt(value), value
 
 
@@ -151,29 +182,32 @@ def build_rows(
     resources: dict[str, dict[str, float]],
     bcrypt_rounds: int | None = None,
 ) -> list[dict[str, Any]]:
-    rows = []
-    for metric in metrics(scale, bcrypt_rounds):
+    def row(metric: Metric) -> dict[str, Any]:
         ours_text, ours = _cell(results.get(OURS), resources.get(OURS), metric)
         syn_text, syn = _cell(results.get(SYNAPSE), resources.get(SYNAPSE), metric)
         r = ratio(metric, ours, syn)
-        rows.append(
-            {
-                "phase": metric.phase,
-                "metric": metric.key,
-                "label": metric.label,
-                "unit": metric.unit,
-                "higher_is_better": metric.higher_is_better,
-                "ours": ours,
-                "synapse": syn,
-                "ratio": r,
-                "target": metric.target,
-                "met": None if r is None or metric.target is None else r >= metric.target,
-                "ours_text": ours_text,
-                "synapse_text": syn_text,
-            }
-        )
-    # CPU seconds of the timed part of each phase.
-    phases = list(dict.fromkeys(k for per in results.values() for k in per))
+        return {
+            "phase": metric.phase,
+            "metric": metric.key,
+            "label": metric.label,
+            "unit": metric.unit,
+            "higher_is_better": metric.higher_is_better,
+            "ours": ours,
+            "synapse": syn,
+            "ratio": r,
+            "target": metric.target,
+            "met": None if r is None or metric.target is None else r >= metric.target,
+            "ours_text": ours_text,
+            "synapse_text": syn_text,
+        }
+
+    rows = [row(metric) for metric in metrics(scale, bcrypt_rounds)]
+    # CPU seconds of the timed part of each phase (phase 12 has its own rows).
+    phases = [
+        k
+        for k in dict.fromkeys(k for per in results.values() for k in per)
+        if k not in FEDERATION_PHASES
+    ]
     for key in phases:
         cells = {}
         for label in (OURS, SYNAPSE):
@@ -197,30 +231,40 @@ def build_rows(
                 "synapse_text": _fmt(cells[SYNAPSE]) if SYNAPSE in results else "not run",
             }
         )
-    rows.append(
-        {
-            "phase": "federation",
-            "metric": "-",
-            "label": "12. federation",
-            "unit": "",
-            "higher_is_better": True,
-            "ours": None,
-            "synapse": None,
-            "ratio": None,
-            "target": None,
-            "met": None,
-            "ours_text": "n/a: federation not implemented yet",
-            "synapse_text": "",
-        }
-    )
+    if any(k in per for per in results.values() for k in FEDERATION_PHASES):
+        rows += [row(metric) for metric in federation_metrics(scale)]
+    else:
+        rows.append(
+            {
+                "phase": "federation",
+                "metric": "-",
+                "label": "12. federation",
+                "unit": "",
+                "higher_is_better": True,
+                "ours": None,
+                "synapse": None,
+                "ratio": None,
+                "target": None,
+                "met": None,
+                "ours_text": "not run (scripts/bench --federation)",
+                "synapse_text": "",
+            }
+        )
     return rows
+
+
+def _note(row: dict[str, Any]) -> bool:
+    """A row that is only a note (phase 12 not run), spanning the value columns."""
+    return row["phase"] == "federation" and row["metric"] == "-"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = ("what", "unit", "ours", "synapse", "ratio", "target")
     lines: list[tuple[str, ...]] = [header]
+    notes: set[int] = set()  # lines (notes) that do not set the column widths
     for row in rows:
-        if row["phase"] == "federation":
+        if _note(row):
+            notes.add(len(lines))
             lines.append((row["label"], "", row["ours_text"], "", "", ""))
             continue
         r = row["ratio"]
@@ -238,16 +282,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 + ("ok" if row["met"] else "-" if row["met"] is None else "MISS"),
             )
         )
-    # The federation note may overflow its column; do not widen the table for it.
+    # A note may overflow its column; do not widen the table for it.
     widths = [
-        max(len(line[i]) for line in lines if not line[2].startswith("n/a: federation"))
+        max(len(line[i]) for n, line in enumerate(lines) if n not in notes)
         for i in range(len(header))
     ]
     out = []
     for n, line in enumerate(lines):
         cells = [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
         cells += [c.rjust(w) for c, w in zip(line[2:], widths[2:], strict=True)]
-        if line[2].startswith("n/a: federation"):
+        if n in notes:
             cells = [line[0].ljust(widths[0]), "", line[2]]
         out.append(" | ".join(cells).rstrip())
         if n == 0:
@@ -261,7 +305,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
-        if row["phase"] == "federation":
+        if _note(row):
             out.append(f"| {row['label']} | | {row['ours_text']} | | | |")
             continue
         r = row["ratio"]

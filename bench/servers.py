@@ -6,8 +6,17 @@ virtual environment (``.bench/synapse-venv``, created on first use) with a confi
 written here. Both get: registration open without verification, every ``rc_*``
 limit raised out of the way, the same bcrypt cost, the same database engine and
 pool size, INFO logging to a file, a client listener on 127.0.0.1:<free port>.
+
+With ``federation=True`` (phase 12) each also gets a TLS federation listener on
+another free loopback port and the server name ``127.0.0.1:<that port>``, so the
+two can reach each other, as tests/support/synapse.py sets up a federating pair:
+a self-signed certificate, certificate checks off, no key notaries, an IP
+blocklist of every range except 127.0.0.0/8, short retry intervals, and Synapse's
+``rc_federation`` raised. The client listener stays plain HTTP, as in phases 1-11.
 """
 
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
@@ -61,11 +70,107 @@ SYNAPSE_ONLY_LIMITS: dict[str, Any] = {
 }
 DB_POOL = {"cp_min": 5, "cp_max": 10}  # Synapse's defaults, given to both
 
+# Synapse's inbound federation limiter, raised out of the way (phase 12 pushes
+# a thousand events through it); the values tests/support/synapse.py uses.
+SYNAPSE_FEDERATION_LIMIT = {
+    "window_size": 1000,
+    "sleep_limit": 10000,
+    "sleep_delay": 1,
+    "reject_limit": 100000,
+    "concurrent": 10000,
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- federation on loopback (the equivalents of tests/support/synapse.py's helpers) ---
+
+
+def loopback_only_blocklist() -> list[str]:
+    """CIDR ranges covering every IPv4 and IPv6 address except 127.0.0.0/8 (and its
+    IPv4-mapped, -compatible and 6to4 forms, which Synapse derives from IPv4 ranges)."""
+    v4 = list(
+        ipaddress.ip_network("0.0.0.0/0").address_exclude(ipaddress.ip_network("127.0.0.0/8"))
+    )
+    v6: list[Any] = [ipaddress.ip_network("::/0")]
+    for keep in ("::ffff:127.0.0.0/104", "::127.0.0.0/104", "2002:7f00::/24"):
+        keep_net = ipaddress.ip_network(keep)
+        v6 = [
+            part
+            for net in v6
+            for part in (net.address_exclude(keep_net) if keep_net.subnet_of(net) else [net])
+        ]
+    return [str(n) for n in sorted(v4)] + [str(n) for n in ipaddress.collapse_addresses(v6)]
+
+
+def generate_tls_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost; (cert path, key path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def federation_settings(workdir: Path, fed_port: int) -> dict[str, Any]:
+    """Config keys both servers share for federating on loopback."""
+    cert, key = generate_tls_certificate(workdir / "tls")
+    blocklist = loopback_only_blocklist()
+    return {
+        "public_baseurl": f"https://127.0.0.1:{fed_port}/",
+        "tls_certificate_path": str(cert),
+        "tls_private_key_path": str(key),
+        "federation_verify_certificates": False,
+        "trusted_key_servers": [],
+        "ip_range_blacklist": blocklist,
+        "federation_ip_range_blacklist": blocklist,
+    }
+
+
+def federation_listener(fed_port: int, names: list[str]) -> dict[str, Any]:
+    return {
+        "port": fed_port,
+        "bind_addresses": ["127.0.0.1"],
+        "type": "http",
+        "tls": True,
+        "x_forwarded": False,
+        "resources": [{"names": names, "compress": False}],
+    }
 
 
 # --- /proc ------------------------------------------------------------------------------
@@ -176,12 +281,16 @@ class ServerProcess:
 
     label = "?"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, federation: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server_name = SERVER_NAME
+        self.federation = federation
+        # With federation, the TLS listener other servers reach us on, and the
+        # server name that leads them there.
+        self.fed_port = free_port() if federation else None
+        self.server_name = f"127.0.0.1:{self.fed_port}" if federation else SERVER_NAME
         self.log_path = workdir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.version = "?"
@@ -302,9 +411,13 @@ class OurServer(ServerProcess):
     label = "ours"
 
     def __init__(
-        self, workdir: Path, database: dict[str, Any] | None = None, bcrypt_rounds: int = 12
+        self,
+        workdir: Path,
+        database: dict[str, Any] | None = None,
+        bcrypt_rounds: int = 12,
+        federation: bool = False,
     ) -> None:
-        super().__init__(workdir)
+        super().__init__(workdir, federation)
         self.bcrypt_rounds = bcrypt_rounds
         self.config_path = workdir / "homeserver.yaml"
         self.overrides_path = workdir / "overrides.yaml"
@@ -334,6 +447,25 @@ class OurServer(ServerProcess):
         }
         if database is not None:
             overrides["database"] = {"name": "psycopg", "args": {**database, **DB_POOL}}
+        if federation:
+            assert self.fed_port is not None
+            overrides.update(federation_settings(workdir, self.fed_port))
+            overrides["listeners"] = [
+                {
+                    "port": self.port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client", "media"]}],
+                },
+                federation_listener(self.fed_port, ["federation", "keys"]),
+            ]
+            overrides["federation"] = {
+                "destination_min_retry_interval": "100ms",
+                "destination_retry_multiplier": 1.1,
+                "destination_max_retry_interval": "1s",
+            }
         self.overrides_path.write_text(yaml.safe_dump(overrides))
         self.database = "postgresql" if database else "sqlite"
         try:
@@ -406,9 +538,13 @@ class SynapseServer(ServerProcess):
     label = "synapse"
 
     def __init__(
-        self, workdir: Path, database: dict[str, Any] | None = None, bcrypt_rounds: int = 12
+        self,
+        workdir: Path,
+        database: dict[str, Any] | None = None,
+        bcrypt_rounds: int = 12,
+        federation: bool = False,
     ) -> None:
-        super().__init__(workdir)
+        super().__init__(workdir, federation)
         self.python = synapse_python(postgres=database is not None)
         self.config_path = workdir / "homeserver.yaml"
         log_config = workdir / "log.yaml"
@@ -477,6 +613,16 @@ class SynapseServer(ServerProcess):
             **COMMON_LIMITS,
             **SYNAPSE_ONLY_LIMITS,
         }
+        if federation:
+            assert self.fed_port is not None
+            config.update(federation_settings(workdir, self.fed_port))
+            config["listeners"].append(federation_listener(self.fed_port, ["federation"]))
+            config["rc_federation"] = SYNAPSE_FEDERATION_LIMIT
+            config["federation"] = {
+                "destination_min_retry_interval": 100,
+                "destination_retry_multiplier": 1.1,
+                "destination_max_retry_interval": 1000,
+            }
         self.config_path.write_text(yaml.safe_dump(config))
         self.database = "postgresql" if database else "sqlite"
         subprocess.run(

@@ -49,6 +49,11 @@ class Scale:
     reactors: int = 10  # users sending them
     media_reps: int = 3
     page_limit: int = 100  # /messages page size
+    # Phase 12 (federation, bench/federation.py; only with --federation):
+    fed_members: int = 500  # members of each server's room that the other server joins
+    fed_messages: int = 1000  # messages sent across, in each direction
+    fed_room_version: str = "10"  # of the rooms of phase 12, the same on both servers
+    fed_rate: float = 0.0  # > 0: phase 12's senders send at most this many messages/s
 
     @classmethod
     def quick(cls) -> "Scale":
@@ -63,6 +68,8 @@ class Scale:
             reactions=24,
             reactors=4,
             media_reps=1,
+            fed_members=20,
+            fed_messages=50,
         )
 
     def check(self) -> None:
@@ -73,6 +80,8 @@ class Scale:
             )
         if self.members < 2 or self.rooms < 1 or self.devices < 1 or self.reactors < 1:
             raise ValueError("--members must be >= 2 and --rooms, devices, reactors >= 1")
+        if self.fed_members < 1 or self.fed_messages < 1 or self.fed_rate < 0:
+            raise ValueError("--fed-members and --fed-messages must be >= 1, --fed-rate >= 0")
         self.reactors = min(self.reactors, self.users)
 
 

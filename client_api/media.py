@@ -7,7 +7,8 @@
   (``homeserver/app/listeners.py``, ``homeserver/services/media/uploads.py``).
 - Legacy, unauthenticated: ``/_matrix/media/{v3,r0}/{download,thumbnail}`` serve
   only media from before ``enable_authenticated_media`` (404 ``M_NOT_FOUND``
-  otherwise); ``/_matrix/media/v3/{config,preview_url}`` need a token like
+  otherwise); ``allow_remote=false`` (servers asking) serves only media
+  already here; ``/_matrix/media/v3/{config,preview_url}`` need a token like
   their v1 twins.
 
 Downloads are streamed from storage with back-pressure and carry the spec's
@@ -163,7 +164,11 @@ def register_media_resources(router: Any, hs: Any) -> None:
         request: Request, server_name: str, media_id: str, file_name: str | None = None
     ) -> None:
         record = await hs.media.get_media(
-            server_name, media_id, legacy=True, timeout_ms=_timeout(request)
+            server_name,
+            media_id,
+            legacy=True,
+            allow_remote=query_bool(request, "allow_remote", True),
+            timeout_ms=_timeout(request),
         )
         await send_download(hs, request, record, file_name or None)
 
@@ -177,6 +182,7 @@ def register_media_resources(router: Any, hs: Any) -> None:
             method,
             animated,
             legacy=True,
+            allow_remote=query_bool(request, "allow_remote", True),
             timeout_ms=_timeout(request),
         )
         await send_thumbnail(hs, request, thumb)

@@ -47,22 +47,24 @@ def register_room_resources(router: Any, hs: Any) -> None:
             result["room_alias"] = f"#{body['room_alias_name']}:{hs.server_name}"
         return 200, result
 
-    async def resolve_room(room_id_or_alias: str) -> str:
+    async def resolve_room(request: Request, room_id_or_alias: str) -> tuple[str, list[str]]:
+        """(room id, servers to ask if the room is elsewhere: ``via``/``server_name``,
+        then those the alias names)."""
+        servers = query_args(request, "via") or query_args(request, "server_name")
         if room_id_or_alias.startswith("#"):
-            room_id, _servers = await hs.directory.resolve_alias(room_id_or_alias)
-            return room_id
+            room_id, alias_servers = await hs.directory.resolve_alias(room_id_or_alias)
+            return room_id, [*servers, *alias_servers]
         if not room_id_or_alias.startswith("!"):
             raise MatrixError("M_INVALID_PARAM", f"{room_id_or_alias} is not a room id or alias")
-        return room_id_or_alias
+        return room_id_or_alias, servers
 
     async def join(request: Request, room_id_or_alias: str) -> tuple[int, Any]:
         who = await requester(request)
         body = parse_body(request, schemas.JOIN)
-        # via / server_name name servers to join through; used once federation lands.
-        query_args(request, "via") or query_args(request, "server_name")
-        room_id = await resolve_room(room_id_or_alias)
+        room_id, servers = await resolve_room(request, room_id_or_alias)
         join_limiter.check(who.user_id)
-        await hs.membership.join(who.user_id, room_id, body.get("reason"), who.device_id)
+        await hs.membership.join(who.user_id, room_id, body.get("reason"), who.device_id,
+                                 servers=servers)
         return 200, {"room_id": room_id}
 
     async def join_by_id(request: Request, room_id: str) -> tuple[int, Any]:
@@ -71,8 +73,8 @@ def register_room_resources(router: Any, hs: Any) -> None:
     async def knock(request: Request, room_id_or_alias: str) -> tuple[int, Any]:
         who = await requester(request)
         body = parse_body(request, schemas.KNOCK)
-        room_id = await resolve_room(room_id_or_alias)
-        await hs.membership.knock(who.user_id, room_id, body.get("reason"))
+        room_id, servers = await resolve_room(request, room_id_or_alias)
+        await hs.membership.knock(who.user_id, room_id, body.get("reason"), servers=servers)
         return 200, {"room_id": room_id}
 
     async def leave(request: Request, room_id: str) -> tuple[int, Any]:

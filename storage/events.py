@@ -18,6 +18,9 @@ from homeserver.core.room_versions import get_room_version
 from storage.database import Database, Txn
 
 SNAPSHOT_INTERVAL = 50
+# The state_group of an event whose state is unknown here: an outlier (an auth
+# or state event fetched from another server) or a rejected event.
+NO_STATE_GROUP = 0
 # How many of a room's latest events its in-memory state keeps (for /sync).
 RECENT_EVENTS = 100
 
@@ -43,6 +46,29 @@ class EventToPersist:
     room_kind: str | None = None  # create events only: e.g. "dm"
     # For an m.room.redaction that takes effect: the event it redacts.
     redacted_target: Pdu | None = None
+    # Events from other servers (homeserver/services/federation_events.py):
+    # an outlier is stored but not part of the room's timeline (state_group is
+    # NO_STATE_GROUP unless it was soft-failed, when it is the state after it);
+    # a rejected event is stored only so that it is known to be rejected.
+    outlier: bool = False
+    rejected_reason: str | None = None
+    # Forks resolved: the room's current state changes by this delta instead of
+    # by the event's own key (None removes a key).
+    current_state_delta: dict[StateKey, Pdu | None] | None = None
+    # An invite, knock or rejection in a room this server is not in: recorded in
+    # room_memberships though the room's state is unknown.
+    out_of_room_membership: bool = False
+    # A remote room's version, for the rooms row of the first event stored in it.
+    room_version_id: str | None = None
+    # History fetched from other servers (negative stream orderings, before all
+    # else): shown by /messages, changes neither current state nor extremities.
+    backfilled: bool = False
+
+    @property
+    def in_timeline(self) -> bool:
+        """A new event in the room as clients see it (not an outlier, not
+        rejected, not history fetched later)."""
+        return not self.outlier and self.rejected_reason is None and not self.backfilled
 
 
 @attrs.frozen
@@ -79,25 +105,37 @@ class EventsStore:
             event_rows.append((
                 e.stream_ordering, pdu.event_id, pdu.room_id, pdu.type, pdu.state_key, pdu.sender,
                 pdu.depth, pdu.origin_server_ts, e.state_group, encode_pdu(pdu), e.device_id,
-                e.txn_id, e.relates_to_id, e.relation_type, e.relation_key,
+                e.txn_id, e.relates_to_id, e.relation_type, e.relation_key, e.outlier,
+                e.rejected_reason,
             ))
+        for e in events:
+            self._ensure_room_txn(txn, e)
         txn.executemany(
             "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender,"
             " depth, origin_server_ts, state_group, json, device_id, txn_id, relates_to_id,"
-            " relation_type, relation_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " relation_type, relation_key, outlier, rejected_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             event_rows,
         )
         for e in events:
             pdu = e.pdu
-            if pdu.type == CREATE and pdu.state_key == "":
-                txn.execute(
-                    "INSERT INTO rooms (room_id, room_version, creator, created_ts, kind)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (pdu.room_id, pdu.room_version.identifier, pdu.sender, pdu.origin_server_ts,
-                     e.room_kind),
+            if e.out_of_room_membership:
+                self._upsert_membership_txn(txn, pdu, e.stream_ordering)
+                continue
+            if e.rejected_reason is not None or e.state_group == NO_STATE_GROUP:
+                continue  # no state of its own, and it changes nothing
+            if e.state_after is not None or (pdu.is_state and e.state_group != e.prev_state_group):
+                self._persist_state_group_txn(txn, e)
+            if e.outlier or e.backfilled:
+                continue  # soft-failed or history: the room's current state is unchanged
+            if e.current_state_delta is not None:
+                self._apply_current_state_delta_txn(
+                    txn, pdu.room_id, e.current_state_delta, None
                 )
-            if pdu.is_state:
-                self._persist_state_txn(txn, e)
+            elif pdu.is_state:
+                self._apply_current_state_delta_txn(
+                    txn, pdu.room_id, {pdu.state_tuple: pdu}, e.stream_ordering
+                )
             if e.redacted_target is not None:
                 # The original content is never served again: the stored JSON
                 # becomes the redacted event (still valid: signatures and the
@@ -119,11 +157,45 @@ class EventsStore:
                 (pdu.room_id, pdu.event_id),
             )
 
-    def _persist_state_txn(self, txn: Txn, e: EventToPersist) -> None:
+    async def get_min_stream_ordering(self) -> int:
+        rows = await self.db.select("min_stream", "SELECT MIN(stream_ordering) FROM events")
+        return rows[0][0] or 0
+
+    async def promote_outliers(self, rows: list[tuple[str, int, int]]) -> None:
+        """Make stored outliers part of the timeline as history:
+        (event id, new stream ordering, state group)."""
+        def txn_fn(txn: Txn) -> None:
+            txn.executemany(
+                "UPDATE events SET stream_ordering = ?, state_group = ?, outlier = FALSE"
+                " WHERE event_id = ? AND outlier = TRUE AND rejected_reason IS NULL",
+                [(stream, group, event_id) for event_id, stream, group in rows],
+            )
+        await self.db.run_interaction("promote_outliers", txn_fn)
+
+    def _ensure_room_txn(self, txn: Txn, e: EventToPersist) -> None:
+        """The rooms row: from the create event, or (a remote room known only by an
+        invite or its first events) from the room version given."""
         pdu = e.pdu
-        snapshot = e.prev_state_group is None or e.prev_chain_length + 1 >= SNAPSHOT_INTERVAL
-        if snapshot:
-            assert e.state_after is not None, "a snapshot needs the full state"
+        if pdu.type == CREATE and pdu.state_key == "":
+            txn.execute(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts, kind)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (room_id) DO UPDATE"
+                " SET creator = excluded.creator, created_ts = excluded.created_ts",
+                (pdu.room_id, pdu.room_version.identifier, pdu.sender, pdu.origin_server_ts,
+                 e.room_kind),
+            )
+        elif e.room_version_id is not None:
+            txn.execute(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts)"
+                " VALUES (?, ?, '', 0) ON CONFLICT (room_id) DO NOTHING",
+                (pdu.room_id, e.room_version_id),
+            )
+
+    def _persist_state_group_txn(self, txn: Txn, e: EventToPersist) -> None:
+        """The state group of the state after the event: a delta of the event's own
+        key from the group before it, or a snapshot (``state_after``)."""
+        pdu = e.pdu
+        if e.state_after is not None:
             entries: Iterable[tuple[StateKey, str]] = e.state_after.items()
             prev_group, chain_length = None, 0
         else:
@@ -138,20 +210,45 @@ class EventsStore:
             " VALUES (?, ?, ?, ?)",
             [(e.state_group, t, sk, eid) for (t, sk), eid in entries],
         )
-        txn.execute(
-            "INSERT INTO current_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id",
-            (pdu.room_id, pdu.type, pdu.state_key, pdu.event_id),
-        )
-        if pdu.type == MEMBER:
+
+    def _apply_current_state_delta_txn(
+        self, txn: Txn, room_id: str, delta: dict[StateKey, Pdu | None], stream: int | None
+    ) -> None:
+        """Change the room's current state (and the membership table with it).
+
+        ``stream`` is the stream ordering of the event causing the change; a
+        member event that comes back into the state through state resolution
+        keeps its own.
+        """
+        for (event_type, state_key), pdu in delta.items():
+            if pdu is None:
+                txn.execute(
+                    "DELETE FROM current_state WHERE room_id = ? AND type = ? AND state_key = ?",
+                    (room_id, event_type, state_key),
+                )
+                continue
             txn.execute(
-                "INSERT INTO room_memberships (room_id, user_id, membership, event_id,"
-                " stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, FALSE)"
-                " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,"
-                " event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,"
-                " forgotten = FALSE",
-                (pdu.room_id, pdu.state_key, pdu.membership, pdu.event_id, e.stream_ordering),
+                "INSERT INTO current_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                (room_id, event_type, state_key, pdu.event_id),
             )
+            if event_type == MEMBER:
+                self._upsert_membership_txn(txn, pdu, stream)
+
+    def _upsert_membership_txn(self, txn: Txn, pdu: Pdu, stream: int | None) -> None:
+        if stream is None:
+            row = txn.execute(
+                "SELECT stream_ordering FROM events WHERE event_id = ?", (pdu.event_id,)
+            ).fetchone()
+            stream = row[0] if row else 0
+        txn.execute(
+            "INSERT INTO room_memberships (room_id, user_id, membership, event_id,"
+            " stream_ordering, forgotten) VALUES (?, ?, ?, ?, ?, FALSE)"
+            " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,"
+            " event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,"
+            " forgotten = FALSE",
+            (pdu.room_id, pdu.state_key, pdu.membership, pdu.event_id, stream),
+        )
 
     # --- reading -------------------------------------------------------------
     async def get_max_stream_ordering(self) -> int:
@@ -214,11 +311,15 @@ class EventsStore:
                 (room_id,),
             ).fetchall()
         ]
-        depth, group = txn.execute(
+        latest = txn.execute(
             "SELECT depth, state_group FROM events WHERE room_id = ?"
+            " AND outlier = FALSE AND rejected_reason IS NULL"
             " ORDER BY stream_ordering DESC LIMIT 1",
             (room_id,),
         ).fetchone()
+        if latest is None:
+            return None  # only outliers: a remote room we are invited to, not in
+        depth, group = latest
         max_depth = txn.execute(
             "SELECT MAX(depth) FROM events WHERE room_id = ?", (room_id,)
         ).fetchone()[0]
@@ -402,3 +503,37 @@ class EventsStore:
             event_ids,
         )
         return {eid: (so, sg) for eid, so, sg in rows}
+
+    async def get_room_state_events(self, room_id: str) -> tuple[list[Pdu], set[str]]:
+        """Every state event stored for a room (timeline, outliers and rejected ones)
+        and the ids of the rejected, for the room's auth DAG."""
+        return await self.db.run_read("room_state_events", self._room_state_events_txn, room_id)
+
+    def _room_state_events_txn(self, txn: Txn, room_id: str) -> tuple[list[Pdu], set[str]]:
+        row = txn.execute("SELECT room_version FROM rooms WHERE room_id = ?", (room_id,)).fetchone()
+        if row is None:
+            return [], set()
+        version = get_room_version(row[0])
+        events, rejected = [], set()
+        for event_id, data, reason in txn.execute(
+            "SELECT event_id, json, rejected_reason FROM events"
+            " WHERE room_id = ? AND state_key IS NOT NULL",
+            (room_id,),
+        ).fetchall():
+            events.append(Pdu(version, event_id, json.loads(data)))
+            if reason is not None:
+                rejected.add(event_id)
+        return events, rejected
+
+    async def have_events(self, event_ids: Iterable[str]) -> dict[str, tuple[bool, bool]]:
+        """event id -> (has state: the state after it is known, rejected) of those stored."""
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = await self.db.select(
+            "have_events",
+            f"SELECT event_id, state_group, rejected_reason FROM events WHERE event_id IN ({marks})",
+            ids,
+        )
+        return {eid: (sg != NO_STATE_GROUP, reason is not None) for eid, sg, reason in rows}

@@ -1,7 +1,6 @@
 """Start-up and clean shutdown of a homeserver process."""
 
 import logging
-import logging.config
 import os
 import time
 from pathlib import Path
@@ -26,8 +25,11 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 def setup_logging(config: HomeserverConfig) -> None:
     path = config.get("log_config")
     if path:
+        # Imported here (it brings logging.handlers): only when a log config is given.
+        from logging.config import dictConfig
+
         with open(path) as f:
-            logging.config.dictConfig(yaml.safe_load(f))
+            dictConfig(yaml.safe_load(f))
     else:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -186,6 +186,12 @@ media_store_path: {data_dir}/media_store
 #  prefix: "media/"
 #  addressing_style: auto
 #  verify_tls: true
+# Media of other servers is fetched over federation when a user first asks
+# for it, then served from media_store_path (max_upload_size applies; it
+# is removed after media_retention.remote_media_lifetime). Servers listed
+# here are never fetched from and their media, even cached, answers 404.
+# Default: []
+#prevent_media_downloads_from: [badserver.example]
 
 # URL previews (GET /_matrix/client/v1/media/preview_url). Default: false
 #url_preview_enabled: false

@@ -185,6 +185,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "default": {},
         },
         "media_storage_s3": {**_MEDIA_S3, "default": None},
+        "prevent_media_downloads_from": {**_STR_LIST, "default": []},
         "url_preview_enabled": {**_BOOL, "default": False},
         "url_preview_ip_range_blacklist": _STR_LIST,
         "url_preview_ip_range_whitelist": {**_STR_LIST, "default": []},

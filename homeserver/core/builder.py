@@ -18,6 +18,7 @@ from crypto.keys import ServerSigningKey
 from homeserver.core.events import CREATE, REDACTION, Pdu, reference_hash
 from homeserver.core.redaction import redact_pdu
 from homeserver.core.room_versions import EventIdFormat, RoomVersion
+from homeserver.core.signatures import signable_bytes
 from homeserver.core.validation import (
     MAX_DEPTH_V6,
     EventFormatError,
@@ -153,3 +154,15 @@ def build_event(
             urlsafe=room_version.event_id_format is EventIdFormat.V3,
         )
     return Pdu(room_version, new_event_id, data)
+
+
+def countersign(pdu: Pdu, server_name: str, signing_key: ServerSigningKey) -> Pdu:
+    """The PDU with our server's signature added (an invite we accept, a
+    restricted join we authorise). The event id does not change: signatures
+    are not part of the reference hash."""
+    signature = encode_base64(
+        signing_key.signing_key.sign(signable_bytes(pdu.data, pdu.room_version)).signature
+    )
+    signatures = {name: dict(sigs) for name, sigs in pdu.signatures.items()}
+    signatures.setdefault(server_name, {})[signing_key.key_id] = signature
+    return Pdu(pdu.room_version, pdu.event_id, {**pdu.data, "signatures": signatures})

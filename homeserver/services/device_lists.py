@@ -2,8 +2,10 @@
 
 The stream gets an entry (durably, in the same transaction as the change, see
 ``storage/e2e_keys.py``) whenever a local user's device keys or cross-signing
-keys change or a device with keys is deleted. ``changes_for`` turns a window
-of the stream into the spec's ``{changed, left}`` for one user:
+keys change or a device with keys is deleted, and when another server tells
+us of such a change for one of its users (``on_remote_change``).
+``changes_for`` turns a window of the stream into the spec's
+``{changed, left}`` for one user:
 
 - ``changed``: users sharing a room with them whose keys changed (the user
   themselves too: their other devices care), and, given the window in the
@@ -32,7 +34,8 @@ import attrs
 
 from homeserver.core.events import MEMBER
 from homeserver.services.account_data import StreamWriter
-from storage.e2e_keys import KEYS, OWN, DeviceListsStore, StreamEntry
+from homeserver.services.memberships import joined_rooms
+from storage.e2e_keys import KEYS, OWN, DeviceListsStore, StreamEntry, add_stream_rows
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +96,44 @@ class DeviceListsService:
         if changed:
             visible = _Visible([StreamEntry(stream_id, user_id, kind)], wake_rooms, [user_id])
         self._stream.finish(stream_id, visible)
+        if changed and kind == KEYS:
+            self._tell_other_servers(user_id, stream_id, wake_rooms)
         return result
+
+    def _tell_other_servers(self, user_id: str, stream_id: int, room_ids: list[str]) -> None:
+        """An m.device_list_update for one of our users to every server sharing a room
+        with them. No prev_id: the receiver fetches the whole list again
+        (``/user/devices``, which carries the cross-signing keys too)."""
+        hs = self.hs
+        if not hs.federation_sender.is_mine(user_id):
+            return
+        servers: set[str] = set()
+        for room_id in room_ids:
+            servers |= hs.federation_sender.remote_servers_in_room(room_id)
+        content = {"user_id": user_id, "device_id": "", "stream_id": stream_id, "prev_id": []}
+        for server in sorted(servers):
+            hs.federation_sender.send_edu(server, "m.device_list_update", content,
+                                          key=("device_list", user_id))
+
+    async def on_remote_change(self, user_id: str) -> bool:
+        """A user of another server changed their devices or cross-signing keys (an
+        m.device_list_update or m.signing_key_update from their server): local users
+        sharing a room with them see them in ``changed``, like a local user's change.
+
+        Nothing is recorded for a user in none of our rooms (False): nobody here
+        would be told, and such entries would only fill the stream.
+        """
+        if not await self._joined_rooms(user_id):
+            return False
+
+        async def write(stream_id: int) -> tuple[None, bool]:
+            await self.store.db.run_interaction(
+                "remote_device_list_change", add_stream_rows, stream_id, [(user_id, KEYS, "")]
+            )
+            return None, True
+
+        await self.write(user_id, KEYS, write)
+        return True
 
     def _on_visible(self, batches: list[_Visible]) -> None:
         rooms: set[str] = set()
@@ -126,8 +166,7 @@ class DeviceListsService:
         return await self.store.entries_between(since, upto)
 
     async def _joined_rooms(self, user_id: str) -> list[str]:
-        rooms = await self.hs.user_rooms.get(user_id)
-        return [room_id for room_id, (m, _, _) in rooms.items() if m == "join"]
+        return await joined_rooms(self.hs, user_id, user_id.partition(":")[2] != self.server_name)
 
     async def changes_for(
         self,

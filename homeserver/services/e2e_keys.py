@@ -16,23 +16,25 @@
 Every change other users must hear about goes through the device-list stream
 (``homeserver/services/device_lists.py``) in the same transaction.
 
-Users on other servers need federation, which is not there yet: queries and
-claims for them are answered in ``failures``. ``query_local_devices``,
-``user_devices`` and ``claim_local_keys`` are what the federation endpoints
-will answer with.
+Users on other servers are asked over federation
+(``homeserver/services/remote_keys.py``); a server that fails is named in
+``failures``. ``query_local_devices``, ``user_devices`` and
+``claim_local_keys`` are what our federation endpoints answer with
+(``federation/user_keys.py``).
 
 Each device's one-time key counts and unused fallback key algorithms (in
 every /sync) are cached in memory and dropped on every change.
 """
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from crypto.keys import decode_verify_key
 from crypto.signing import SignatureError, verify_signature
 from homeserver.errors import MatrixError
+from homeserver.services.caches import GenerationLru
+from homeserver.services.remote_keys import RemoteKeys
 from storage.e2e_keys import (
     KEYS,
     OWN,
@@ -48,10 +50,6 @@ logger = logging.getLogger(__name__)
 # The algorithm some clients expect a count for, even when zero (Synapse reports it).
 SIGNED_CURVE25519 = "signed_curve25519"
 CACHED_DEVICES = 50_000
-FEDERATION_UNAVAILABLE = {
-    "status": 503,
-    "message": "Federation is not available on this server yet",
-}
 KEY_TYPES = {
     "master_key": "master",
     "self_signing_key": "self_signing",
@@ -84,47 +82,14 @@ def _verify(obj: dict[str, Any], signer: str, key_id: str, public_key: str) -> b
     return True
 
 
-class _CountsCache:
-    """An LRU of (user, device) -> counts; a load never overwrites a newer invalidation."""
-
-    def __init__(self, max_size: int) -> None:
-        self._entries: OrderedDict[tuple[str, str], Counts] = OrderedDict()
-        self._generation: dict[tuple[str, str], int] = {}
-        self._max_size = max_size
-
-    def get(self, key: tuple[str, str]) -> Counts | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
-
-    def generation(self, key: tuple[str, str]) -> int:
-        return self._generation.get(key, 0)
-
-    def put(self, key: tuple[str, str], generation: int, value: Counts) -> None:
-        if self._generation.get(key, 0) != generation:
-            return  # changed while loading: the next read loads again
-        self._entries[key] = value
-        if len(self._entries) > self._max_size:
-            old, _ = self._entries.popitem(last=False)
-            self._generation.pop(old, None)
-
-    def invalidate(self, key: tuple[str, str]) -> None:
-        self._entries.pop(key, None)
-        self._generation[key] = self._generation.get(key, 0) + 1
-        if len(self._generation) > 4 * self._max_size:
-            # Forget the counters of devices nobody has cached (they restart at 0;
-            # a load in flight for one of them may then store a stale value,
-            # dropped again by that device's next change).
-            self._generation = {k: g for k, g in self._generation.items() if k in self._entries}
-
-
 class E2eKeysService:
     def __init__(self, hs: Any) -> None:
         self.hs = hs
         self.server_name: str = hs.server_name
         self.store = E2eKeysStore(hs.database)
-        self._counts = _CountsCache(CACHED_DEVICES)
+        self._counts: GenerationLru[tuple[str, str], Counts] = GenerationLru(CACHED_DEVICES)
+        # Users of other servers: asked over federation, device lists cached.
+        self.remote = RemoteKeys(hs)
         accounts = getattr(hs, "accounts", None)
         if accounts is not None:
             accounts.device_deletion_hooks.append(self.on_devices_deleted)
@@ -218,14 +183,11 @@ class E2eKeysService:
         self, requester_id: str, device_keys: Mapping[str, Iterable[str]]
     ) -> dict[str, Any]:
         local: dict[str, list[str]] = {}
-        failures: dict[str, Any] = {}
+        remote: dict[str, list[str]] = {}
         for user_id, devices in device_keys.items():
-            if self.is_mine(user_id):
-                local[user_id] = list(devices)
-            else:
-                failures[user_id.partition(":")[2]] = dict(FEDERATION_UNAVAILABLE)
+            (local if self.is_mine(user_id) else remote)[user_id] = list(devices)
         result = await self._query(local, requester_id)
-        result["failures"] = failures
+        result["failures"] = await self.remote.query(requester_id, remote, result)
         return result
 
     async def _query(
@@ -282,12 +244,10 @@ class E2eKeysService:
     # --- /keys/claim -------------------------------------------------------------------------
     async def claim_keys(self, one_time_keys: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
         local = {u: d for u, d in one_time_keys.items() if self.is_mine(u)}
-        failures = {
-            u.partition(":")[2]: dict(FEDERATION_UNAVAILABLE)
-            for u in one_time_keys
-            if u not in local
-        }
-        return {"one_time_keys": await self.claim_local_keys(local), "failures": failures}
+        remote = {u: d for u, d in one_time_keys.items() if u not in local}
+        claimed = await self.claim_local_keys(local)
+        failures = await self.remote.claim(remote, claimed)
+        return {"one_time_keys": claimed, "failures": failures}
 
     async def claim_local_keys(
         self, query: Mapping[str, Mapping[str, str]]

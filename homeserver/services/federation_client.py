@@ -21,6 +21,11 @@ server uses. For one request it
 
 Connection failures, timeouts and 5xx answers put the destination in
 exponential back-off (in memory, ``Backoff``); any other answer clears it.
+
+``get_stream`` is the same request for answers that are not JSON (media):
+the body goes to a consumer chunk by chunk instead of into memory.
+``get_url_stream`` is a plain, unsigned GET of an https URL (where a media
+answer may point) through the same address policy and TLS.
 """
 
 import io
@@ -29,20 +34,27 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import attrs
 import treq
 from OpenSSL import SSL
 from treq.client import HTTPClient
-from twisted.internet import defer, ssl
+from twisted.internet import defer, protocol, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
-from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import (
+    URI,
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory
 from zope.interface import implementer
 
 import homeserver
@@ -127,6 +139,10 @@ class HttpResponseError(FederationError):
 
 class RequestFailedError(FederationError):
     """No usable answer: DNS, connection, TLS, timeout, or a body that is not JSON."""
+
+
+class ResponseTooLargeError(RequestFailedError):
+    """The answer's body is larger than the caller allows (``get_stream``)."""
 
 
 class DestinationBlockedError(FederationError):
@@ -508,6 +524,110 @@ async def _read_body(response: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class BodyConsumer(Protocol):
+    """Where ``get_stream`` and ``get_url_stream`` hand a 2xx answer's body.
+
+    ``start`` gets the answer's status and headers before any of the body and
+    may raise to refuse it; ``write`` gets each chunk and may raise to stop the
+    transfer. Either exception is what the request raises.
+    """
+
+    def start(self, status: int, headers: Headers) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+@attrs.frozen
+class StreamedResponse:
+    status: int
+    headers: Headers
+    length: int  # body bytes handed to the consumer
+
+
+class _ConsumerFailed(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+class _Discard(protocol.Protocol):
+    """A body nobody wants: drop the connection rather than read it."""
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's interface
+        self.transport.stopProducing()
+
+
+class _StreamBody(protocol.Protocol):
+    """Passes a response body to a consumer as it arrives, up to ``limit`` bytes.
+
+    ``finished`` fires with the length once the body is complete; cancelling it
+    (a timeout) or any failure stops the transfer, closing the connection.
+    """
+
+    def __init__(self, consumer: BodyConsumer, limit: int) -> None:
+        self._consumer = consumer
+        self._limit = limit
+        self.length = 0
+        self.finished: defer.Deferred[int] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _: Any) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _fail(self, error: Exception) -> None:
+        self.transport.stopProducing()
+        self.finished.errback(error)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.finished.called:
+            return
+        self.length += len(data)
+        if self.length > self._limit:
+            self._fail(_TooLarge())
+            return
+        try:
+            self._consumer.write(data)
+        except Exception as e:
+            self._fail(_ConsumerFailed(e))
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.finished.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(self.length)
+        else:
+            self.finished.errback(reason)
+
+
+def _is_redirect(response: Any) -> bool:
+    return response.code in (301, 302, 303, 307, 308) and response.headers.hasHeader(b"location")
+
+
+def _http_error(
+    destination: str, method: str, path: str, status: int, body: Any
+) -> "HttpResponseError":
+    errcode, error = _json_error(body)
+    return HttpResponseError(
+        destination,
+        f"{method} {path}: HTTP {status}" + (f" {errcode}: {error}" if errcode else ""),
+        status=status,
+        errcode=errcode,
+        body=None if body is _NOT_JSON else body,
+    )
+
+
+def _https_host(url: str) -> str:
+    """The host of an https URL (for errors); anything else is refused."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if host is None or parts.scheme != "https":
+        raise RequestFailedError(url[:200], "only https URLs are fetched")
+    return host
+
+
 # --- the client -------------------------------------------------------------------
 
 
@@ -644,6 +764,103 @@ class FederationClient:
         ``DestinationBlockedError``, ``RequestFailedError`` or ``HttpResponseError``.
         """
         method = method.upper()
+        uri = self._request_target(destination, path, query, ignore_backoff)
+        status, body = await self._answer_within(
+            destination,
+            method,
+            path,
+            timeout,
+            self._send(method, destination, uri, content, max_response_size),
+        )
+        self._record_answer(destination, status)
+        if 200 <= status < 300:
+            if body is _NOT_JSON:
+                raise RequestFailedError(
+                    destination, f"{method} {path}: response is not JSON", status=status
+                )
+            return body
+        raise _http_error(destination, method, path, status, body)
+
+    async def get_stream(
+        self,
+        destination: str,
+        path: str,
+        consumer: BodyConsumer,
+        *,
+        query: Mapping[str, QueryValue] | None = None,
+        timeout: float | None = None,
+        body_timeout: float | None = None,
+        ignore_backoff: bool = False,
+        max_response_size: int = MAX_RESPONSE_BYTES,
+    ) -> StreamedResponse:
+        """A signed GET whose 2xx body goes to ``consumer`` as it arrives (media).
+
+        Up to the answer's headers this is ``request`` (address policy,
+        signing, back-off, the same errors); they must come within
+        ``timeout``. A non-2xx answer raises ``HttpResponseError``. The body
+        of a 2xx answer must be complete within ``body_timeout`` (default:
+        ``timeout``); past ``max_response_size`` bytes it raises
+        ``ResponseTooLargeError``. Nothing that goes wrong while the body
+        arrives counts against the destination's back-off: it did answer.
+        """
+        uri = self._request_target(destination, path, query, ignore_backoff)
+        response = await self._answer_within(
+            destination, "GET", path, timeout, self._open("GET", destination, uri, None)
+        )
+        self._record_answer(destination, response.code)
+        logger.debug("<-- %s GET %s: %d (streamed)", destination, uri, response.code)
+        if not 200 <= response.code < 300:
+            body = await self._error_body(response)
+            raise _http_error(destination, "GET", path, response.code, body)
+        return await self._stream_body(
+            destination, response, consumer, max_response_size, body_timeout or timeout
+        )
+
+    async def get_url_stream(
+        self,
+        url: str,
+        consumer: BodyConsumer,
+        *,
+        timeout: float | None = None,
+        body_timeout: float | None = None,
+        max_response_size: int = MAX_RESPONSE_BYTES,
+    ) -> StreamedResponse:
+        """A plain GET of an ``https`` URL (where a server's media answer points).
+
+        Not signed and outside back-off, but through the same address policy
+        and TLS as federation: every address of the URL's host, and of each
+        redirect's (at most 5, https only), is checked before connecting.
+        The 2xx body goes to ``consumer`` as in ``get_stream``; a non-2xx
+        answer raises ``HttpResponseError``.
+        """
+        seen: set[str] = set()
+        for _ in range(WELL_KNOWN_MAX_REDIRECTS + 1):
+            host = _https_host(url)
+            if url in seen:
+                raise RequestFailedError(host, f"redirect loop at {url}")
+            seen.add(url)
+            response = await self._plain_get(host, url, timeout)
+            if _is_redirect(response):
+                response.deliverBody(_Discard())
+                url = urljoin(url, response.headers.getRawHeaders(b"location")[0].decode("latin-1"))
+                continue
+            if not 200 <= response.code < 300:
+                body = await self._error_body(response)
+                raise _http_error(host, "GET", url, response.code, body)
+            return await self._stream_body(
+                host, response, consumer, max_response_size, body_timeout or timeout
+            )
+        raise RequestFailedError(url, "too many redirects")
+
+    # --- the pieces of a request ---------------------------------------------------
+    def _request_target(
+        self,
+        destination: str,
+        path: str,
+        query: Mapping[str, QueryValue] | None,
+        ignore_backoff: bool,
+    ) -> str:
+        """``path?query`` as sent and signed, once the destination may be contacted."""
         uri = path + ("?" + encode_query(query) if query else "")
         if not uri.startswith("/") or not set(uri) <= _URI_SAFE:
             raise ValueError(f"request target must be a percent-encoded path: {uri[:200]!r}")
@@ -655,12 +872,15 @@ class FederationClient:
             retry_at = self.backoff.retry_at_ms(destination)
             if retry_at is not None:
                 raise NotRetryingDestination(destination, retry_at)
+        return uri
 
+    async def _answer_within(
+        self, destination: str, method: str, path: str, timeout: float | None, send: Any
+    ) -> Any:
+        """Await ``send`` within the timeout; no answer starts or extends the back-off."""
         try:
-            status, body = await _with_timeout(
-                self._reactor,
-                timeout if timeout is not None else self.timeout,
-                self._send(method, destination, uri, content, max_response_size),
+            return await _with_timeout(
+                self._reactor, timeout if timeout is not None else self.timeout, send
             )
         except defer.TimeoutError as e:
             self.backoff.record_failure(destination)
@@ -674,28 +894,30 @@ class FederationClient:
             self.backoff.record_failure(destination)
             raise RequestFailedError(destination, f"{method} {path} failed: {e!r}") from e
 
+    def _record_answer(self, destination: str, status: int) -> None:
         if status >= 500:
             self.backoff.record_failure(destination)
         elif status != 429:
             self.backoff.record_success(destination)
-        if 200 <= status < 300:
-            if body is _NOT_JSON:
-                raise RequestFailedError(
-                    destination, f"{method} {path}: response is not JSON", status=status
-                )
-            return body
-        errcode, error = _json_error(body)
-        raise HttpResponseError(
-            destination,
-            f"{method} {path}: HTTP {status}" + (f" {errcode}: {error}" if errcode else ""),
-            status=status,
-            errcode=errcode,
-            body=None if body is _NOT_JSON else body,
-        )
 
     async def _send(
         self, method: str, destination: str, uri: str, content: Any, limit: int
     ) -> tuple[int, Any]:
+        response = await self._open(method, destination, uri, content)
+        try:
+            raw = await _read_body(response, limit)
+        except _TooLarge as e:
+            raise RequestFailedError(
+                destination, f"response larger than {limit} bytes", status=response.code
+            ) from e
+        logger.debug("<-- %s %s %s: %d", destination, method, uri, response.code)
+        try:
+            return response.code, json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return response.code, _NOT_JSON
+
+    async def _open(self, method: str, destination: str, uri: str, content: Any) -> Any:
+        """Send the signed request; the answer, its body not read yet."""
         address = await self.discovery.resolve(destination)
         # Literal addresses are checked here already, so a forbidden one never
         # even reaches the connection pool; the connector checks every address
@@ -731,18 +953,76 @@ class FederationClient:
             + uri.encode("ascii")
         )
         logger.debug("--> %s %s %s", destination, method, uri)
-        response = await self._agent.request(method.encode("ascii"), url, headers, producer)
+        return await self._agent.request(method.encode("ascii"), url, headers, producer)
+
+    async def _plain_get(self, host: str, url: str, timeout: float | None) -> Any:
+        """An unsigned GET through the address policy; the answer, its body not read yet."""
         try:
-            raw = await _read_body(response, limit)
-        except _TooLarge as e:
+            target = url.encode("ascii")
+        except UnicodeEncodeError:
+            raise RequestFailedError(host, "the URL is not ASCII") from None
+        headers = Headers({b"User-Agent": [USER_AGENT]})
+        try:
+            return await _with_timeout(
+                self._reactor,
+                timeout if timeout is not None else self.timeout,
+                self._well_known_agent.request(b"GET", target, headers),
+            )
+        except FederationError:
+            raise
+        except defer.TimeoutError as e:
+            raise RequestFailedError(host, f"GET {url} timed out") from e
+        except Exception as e:
+            raise RequestFailedError(host, f"GET {url} failed: {e!r}") from e
+
+    async def _error_body(self, response: Any) -> Any:
+        """The JSON of an error answer, if it is short JSON (``_NOT_JSON`` otherwise)."""
+        try:
+            raw = await _with_timeout(self._reactor, 10.0, _read_body(response, 64 * 1024))
+            return json.loads(raw)
+        except Exception:
+            return _NOT_JSON
+
+    async def _stream_body(
+        self,
+        name: str,
+        response: Any,
+        consumer: BodyConsumer,
+        limit: int,
+        timeout: float | None,
+    ) -> StreamedResponse:
+        """Hand the body of a 2xx answer to ``consumer`` (see ``get_stream``)."""
+        if response.length is not UNKNOWN_LENGTH and response.length > limit:
+            response.deliverBody(_Discard())
+            raise ResponseTooLargeError(
+                name, f"response larger than {limit} bytes", status=response.code
+            )
+        try:
+            consumer.start(response.code, response.headers)
+        except BaseException:
+            response.deliverBody(_Discard())
+            raise
+        body = _StreamBody(consumer, limit)
+        response.deliverBody(body)
+        try:
+            length = await _with_timeout(
+                self._reactor, timeout if timeout is not None else self.timeout, body.finished
+            )
+        except _ConsumerFailed as e:
+            raise e.error from None
+        except _TooLarge:
+            raise ResponseTooLargeError(
+                name, f"response larger than {limit} bytes", status=response.code
+            ) from None
+        except defer.TimeoutError as e:
             raise RequestFailedError(
-                destination, f"response larger than {limit} bytes", status=response.code
+                name, "timed out reading the response", status=response.code
             ) from e
-        logger.debug("<-- %s %s %s: %d", destination, method, uri, response.code)
-        try:
-            return response.code, json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return response.code, _NOT_JSON
+        except Exception as e:
+            raise RequestFailedError(
+                name, f"reading the response failed: {e!r}", status=response.code
+            ) from e
+        return StreamedResponse(response.code, response.headers, length)
 
     # --- .well-known ----------------------------------------------------------------
     async def fetch_well_known(self, hostname: str) -> WellKnownResponse:

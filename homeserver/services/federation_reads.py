@@ -229,7 +229,7 @@ class FederationReads:
         while len(self._chains) > self._max_cached_chains:
             self._chains.popitem(last=False)
 
-    async def _ordered(self, event_ids: Iterable[str]) -> list[Pdu]:
+    async def ordered(self, event_ids: Iterable[str]) -> list[Pdu]:
         """The stored events among these ids, oldest first (by depth, then stream)."""
         event_ids = list(event_ids)
         events = await self.hs.events.get_events(event_ids)
@@ -280,12 +280,12 @@ class FederationReads:
     ) -> tuple[list[Pdu], list[Pdu]]:
         """GET /state: (state events before the event, their auth chain), oldest first."""
         state_ids, chain_ids = await self.get_state_ids(origin, room_id, event_id)
-        return await self._ordered(state_ids), await self._ordered(chain_ids)
+        return await self.ordered(state_ids), await self.ordered(chain_ids)
 
     async def get_event_auth(self, origin: str, room_id: str, event_id: str) -> list[Pdu]:
         """GET /event_auth: the event's full auth chain, oldest first."""
         await self._visible_event(origin, room_id, event_id)
-        return await self._ordered(await self.auth_chain_ids([event_id]))
+        return await self.ordered(await self.auth_chain_ids([event_id]))
 
     async def backfill(
         self, origin: str, room_id: str, event_ids: list[str], limit: int
@@ -349,5 +349,5 @@ class FederationReads:
                     break
                 found.append(pdu)
                 front.append(pdu)
-        ordered = await self._ordered(p.event_id for p in found)
+        ordered = await self.ordered(p.event_id for p in found)
         return await self._redact_invisible(origin, ordered)

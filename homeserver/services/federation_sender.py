@@ -202,6 +202,16 @@ class FederationSender:
         finally:
             self._processing = False
 
+    def forward(self, stream: int, pdu: Any, origin: str) -> None:
+        """Send another server's event on to the other servers in the room: a join,
+        leave or knock that came to us through send_join/send_leave/send_knock
+        (its server talked only to us). Not caught up after a restart."""
+        if self._detached:
+            return
+        data = pdu.to_federation_json()
+        for server in sorted(self.remote_servers_in_room(pdu.room_id) - {origin}):
+            self._queue_pdu(server, stream, data)
+
     def _destination(self, name: str, first_stream: int | None = None) -> _Destination:
         d = self._destinations.get(name)
         if d is None:

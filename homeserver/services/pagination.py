@@ -9,6 +9,7 @@ from homeserver.services.tokens import pagination_token, parse_pagination_token
 from homeserver.services.visibility import filter_visible
 
 Row = tuple[int, str, int]
+MAX_BACKFILL_ROUNDS = 3  # per /messages request
 
 
 class PaginationService:
@@ -64,6 +65,13 @@ class PaginationService:
         stop = None if to_token is None else parse_pagination_token(to_token)
         if backwards:
             page, more = await self._page(user_id, room_id, stop, start, True, limit, event_filter)
+            rounds = 0
+            while (not more and stop is None and rounds < MAX_BACKFILL_ROUNDS
+                   and await self.hs.backfill.backfill(room_id, limit)):
+                rounds += 1
+                # We reached the start of what we have: other servers have more.
+                page, more = await self._page(user_id, room_id, stop, start, True, limit,
+                                              event_filter)
         else:
             page, more = await self._page(user_id, room_id, start, stop if stop is not None
                                           else now, False, limit, event_filter)

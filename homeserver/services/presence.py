@@ -1,4 +1,4 @@
-"""Presence of local users: online, unavailable (idle) or offline, in memory.
+"""Presence of users: online, unavailable (idle) or offline, in memory.
 
 A user is *seen* when they sync, set their presence or are active; they are
 *active* when they set themselves online, sync with ``set_presence=online`` or
@@ -19,6 +19,9 @@ its token. Presence is not persisted: after a restart everyone starts
 offline and comes back online with their next sync (status messages are
 forgotten). ``presence.enabled: false`` turns all of it off;
 ``"untracked"`` keeps explicitly set presence but ignores syncs and activity.
+
+Users of other servers have the presence their server last sent in an
+m.presence EDU (``on_remote_presence``), in memory too.
 """
 
 import logging
@@ -29,6 +32,7 @@ import attrs
 from twisted.internet import defer
 
 from homeserver.errors import MatrixError
+from homeserver.services.memberships import joined_rooms
 from homeserver.services.ratelimit import ratelimiter_from_config
 from homeserver.services.typing import DeadlineQueue
 
@@ -38,6 +42,8 @@ ONLINE, UNAVAILABLE, OFFLINE = "online", "unavailable", "offline"
 STATES = (ONLINE, UNAVAILABLE, OFFLINE)
 IDLE_TIMEOUT_MS = 5 * 60_000
 OFFLINE_TIMEOUT_MS = 5 * 60_000 + 30_000
+# A user of another server whose server has said nothing of them for this long is offline.
+FEDERATION_TIMEOUT_MS = 30 * 60_000
 # Above this many changed users, find room-mates by listing the rooms' members.
 _MEMBER_SCAN_THRESHOLD = 64
 _UNSET: Any = object()
@@ -51,6 +57,7 @@ class UserPresence:
     last_seen_ts: int = 0
     currently_active: bool = False
     stream: int = 0
+    remote: bool = False  # a user of another server: their server tells us their presence
 
     def content(self, now_ms: int) -> dict[str, Any]:
         content: dict[str, Any] = {"presence": self.state}
@@ -119,6 +126,31 @@ class PresenceService:
         for sender in {i.pdu.sender for i in items if getattr(i, "device_id", None) is not None}:
             if sender in self._users:
                 self.bump_active(sender)
+
+    def on_remote_presence(
+        self,
+        user_id: str,
+        state: str,
+        last_active_ago: int | None,
+        status_msg: str | None,
+        currently_active: bool,
+    ) -> None:
+        """An m.presence update for a user of another server (the caller checked
+        that it came from their server): room-mates see it in /sync. It is not
+        sent out again; without news for ``FEDERATION_TIMEOUT_MS`` the user goes
+        offline."""
+        if not self.enabled or state not in STATES:
+            return
+        now = self.clock.time_msec()
+        presence = self._get_or_create(user_id)
+        presence.remote = True
+        presence.last_seen_ts = now
+        if last_active_ago is not None:
+            presence.last_active_ts = now - max(0, last_active_ago)
+        presence.status_msg = status_msg
+        presence.currently_active = currently_active
+        self._set_state(user_id, presence, state, force=True)
+        self._schedule(user_id, presence)
 
     async def set_status(self, user_id: str, state: str, status_msg: str | None = _UNSET) -> None:
         """PUT /presence/{userId}/status for the user themself.
@@ -223,7 +255,7 @@ class PresenceService:
         self._changes.move_to_end(user_id)
         # Federation: servers sharing a room with the user hear of the change.
         sender = getattr(self.hs, "federation_sender", None)
-        if sender is not None:
+        if sender is not None and not presence.remote:
             sender.on_presence(user_id, presence.content(self.clock.time_msec()))
         d = defer.ensureDeferred(self._wake(user_id))
         d.addErrback(
@@ -233,13 +265,16 @@ class PresenceService:
         )
 
     async def _wake(self, user_id: str) -> None:
-        rooms = await self.hs.user_rooms.get(user_id)
-        joined = [r for r, (m, _, _) in rooms.items() if m == "join"]
+        presence = self._users.get(user_id)
+        joined = await joined_rooms(self.hs, user_id, presence is not None and presence.remote)
         self.hs.notifier.wake(room_ids=joined, user_ids=[user_id])
 
     def _schedule(self, user_id: str, presence: UserPresence) -> None:
         if presence.state == OFFLINE:
             self._deadlines.cancel(user_id)
+            return
+        if presence.remote:
+            self._deadlines.schedule(user_id, presence.last_seen_ts + FEDERATION_TIMEOUT_MS)
             return
         due = presence.last_seen_ts + OFFLINE_TIMEOUT_MS
         if presence.state == ONLINE:
@@ -251,7 +286,10 @@ class PresenceService:
         if presence is None or presence.state == OFFLINE:
             return
         now = self.clock.time_msec()
-        if now - presence.last_seen_ts >= OFFLINE_TIMEOUT_MS:
+        if presence.remote:
+            if now - presence.last_seen_ts >= FEDERATION_TIMEOUT_MS:
+                self._set_state(user_id, presence, OFFLINE)
+        elif now - presence.last_seen_ts >= OFFLINE_TIMEOUT_MS:
             self._set_state(user_id, presence, OFFLINE)
         elif presence.state == ONLINE and now - presence.last_active_ts >= IDLE_TIMEOUT_MS:
             self._set_state(user_id, presence, UNAVAILABLE)

@@ -10,6 +10,10 @@ advances, and sleeping syncs of the room's members (only the owner for
 
 Receipts only move forward: a receipt for an event older than the one the
 user's receipt of the same type and thread points at already is ignored.
+
+Other servers' users' public receipts arrive in m.receipt EDUs
+(``on_remote_receipt``) and are kept like local ones; only receipts of an
+event we have are kept, since its position in the room orders them.
 """
 
 import logging
@@ -322,6 +326,19 @@ class ReceiptsService:
                 0,
             ),
         )
+
+    async def on_remote_receipt(
+        self, user_id: str, room_id: str, event_id: str, ts: int, thread_id: str | None
+    ) -> None:
+        """A public read receipt from an m.receipt EDU (the caller checked that
+        ``user_id`` belongs to the sending server); the user must be joined and the
+        event known here (MatrixError otherwise). Local users see it in /sync; it is
+        not sent out again (the federation sender only sends our users' receipts).
+        """
+        await self._check_member(user_id, room_id)
+        _, event_stream = await self._event_in_room(room_id, event_id)
+        thread = UNTHREADED if thread_id is None else thread_id
+        await self._write(room_id, Receipt(READ, user_id, thread, event_id, event_stream, ts, 0))
 
     async def set_read_markers(
         self,

@@ -14,6 +14,7 @@ from homeserver.config.loader import parse_duration_ms
 from homeserver.services.account_data import AccountDataService
 from homeserver.services.accounts import AccountService
 from homeserver.services.auth import Auth
+from homeserver.services.backfill import BackfillService
 from homeserver.services.client_events import ClientEventSerializer
 from homeserver.services.clock import Clock
 from homeserver.services.device_lists import DeviceListsService
@@ -21,6 +22,10 @@ from homeserver.services.directory import DirectoryService
 from homeserver.services.e2e_keys import E2eKeysService
 from homeserver.services.events import EventCache, EventsService
 from homeserver.services.federation_client import FederationClient
+from homeserver.services.federation_edus import FederationEduHandler
+from homeserver.services.federation_events import FederationEventHandler
+from homeserver.services.federation_inbound import FederationInbound
+from homeserver.services.federation_membership import FederationMembership
 from homeserver.services.federation_reads import FederationReads
 from homeserver.services.federation_sender import FederationSender
 from homeserver.services.filters import FilterService
@@ -34,6 +39,7 @@ from homeserver.services.push import PushService
 from homeserver.services.receipts import ReceiptsService
 from homeserver.services.relations import RelationsService
 from homeserver.services.rooms.creation import RoomCreator
+from homeserver.services.rooms.dag import RoomDags
 from homeserver.services.rooms.membership import MembershipService
 from homeserver.services.rooms.persister import EventPersister
 from homeserver.services.rooms.sender import RoomEventSender
@@ -92,8 +98,9 @@ class HomeServer:
         self.room_states = RoomStates(self.events_store)
         self.user_rooms = UserRooms(self.events_store)
         self.state_groups = StateGroupCache(self.events_store)
+        self.room_dags = RoomDags(self.events_store)
         self.persister = EventPersister(self.events_store)
-        self.persister.on_persisted.append(self._on_persisted)
+        self.persister.on_stored.append(self._on_persisted)
         self.persister.on_failed.append(self._on_persist_failed)
         # Federation sender: our events and EDUs to other servers, in transactions. It
         # catches destinations up (from their durable positions) once the reactor runs.
@@ -108,11 +115,16 @@ class HomeServer:
         self.filters = FilterService(self)
         self.sync = SyncService(self)
         self.pagination = PaginationService(self)
+        self.backfill = BackfillService(self)
         self.voip = VoipService(self)
         self.relations = RelationsService(self)
         self.persister.on_persisted.append(self.relations.on_persisted)
         # What other servers may read of our rooms (federation /event, /state, /backfill...)
         self.federation_reads = FederationReads(self)
+        # Events other servers send us, and joins, leaves, invites, knocks across servers
+        self.federation_events = FederationEventHandler(self)
+        self.federation_inbound = FederationInbound(self)
+        self.federation_membership = FederationMembership(self)
         # Accounts: access tokens, registration, login, devices, UIA
         self.auth = Auth(self)
         self.accounts = AccountService(self)
@@ -132,12 +144,21 @@ class HomeServer:
         # lists record joins and leaves from each committed batch; keys hook device deletion)
         self.device_lists = DeviceListsService(self)
         self.e2e_keys = E2eKeysService(self)
+        self.federation_edus = FederationEduHandler(self)
         # The media repository (uploads, downloads, thumbnails, previews)
         self.media = MediaService(self)
 
-    def _on_persisted(self, items: list[Any]) -> None:
-        """After a batch commits: caches first, then wake whoever waits."""
-        self.stream_ids.mark_persisted(items[-1].stream_ordering)
+    def _on_persisted(self, all_items: list[Any]) -> None:
+        """After a batch commits: caches first, then wake whoever waits.
+
+        Outliers and rejected events (from other servers) are not part of any
+        room's timeline: only invites and the like in rooms we are not in
+        reach the invitee's room list.
+        """
+        self.stream_ids.mark_persisted(all_items[-1].stream_ordering)
+        self.room_dags.on_persisted(all_items)
+        items = [i for i in all_items if i.in_timeline]
+        memberships = [i for i in all_items if i.in_timeline or i.out_of_room_membership]
         for item in items:
             room = self.room_states.get_cached(item.pdu.room_id)
             if room is not None:
@@ -145,10 +166,12 @@ class HomeServer:
             target = item.redacted_target
             if target is not None:
                 self.event_cache.put(target.with_redacted_because(item.pdu.event_id))
-        self.user_rooms.on_persisted(items)
+        self.user_rooms.on_persisted(memberships)
         # Unread counts before waking syncs: a count MUST come with its event.
-        self.push.on_persisted(items)
-        self.notifier.on_persisted(items)
+        if items:
+            self.push.on_persisted(items)
+        self.notifier.on_persisted(memberships)
+        self.notifier.position = max(self.notifier.position, all_items[-1].stream_ordering)
 
     def _on_persist_failed(self, room_ids: set[str]) -> None:
         for room_id in room_ids:

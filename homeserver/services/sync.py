@@ -17,11 +17,6 @@ from homeserver.services.rooms.state import RoomState
 from homeserver.services.tokens import StreamToken, pagination_token
 from homeserver.services.visibility import filter_visible
 
-# State that invitees and knockers see (spec "Stripped state").
-STRIPPED_STATE_TYPES = (
-    "m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.topic",
-    "m.room.canonical_alias", "m.room.encryption",
-)
 MAX_HEROES = 5
 TO_DEVICE_LIMIT = 100  # to-device messages per sync
 
@@ -264,15 +259,17 @@ class SyncService:
     async def _stripped_state(self, room_id: str, membership_event_id: str) -> list[dict[str, Any]]:
         hs = self.hs
         room = await hs.room_states.get(room_id)
-        stripped = []
-        if room is not None:
-            for event_type in STRIPPED_STATE_TYPES:
-                event = room.get(event_type)
-                if event is not None:
-                    stripped.append({"type": event.type, "state_key": event.state_key,
-                                     "content": event.content, "sender": event.sender})
         membership = await hs.events.get_event(membership_event_id)
+        if hs.federation_membership.is_resident(room):
+            stripped = room.stripped_state()
+        else:
+            # A room elsewhere: what its server sent with the invite (or knock).
+            unsigned = membership.data.get("unsigned", {}) if membership is not None else {}
+            stripped = unsigned.get("invite_room_state") or unsigned.get("knock_room_state") or []
         if membership is not None:
+            stripped = [e for e in stripped
+                        if (e.get("type"), e.get("state_key")) != (membership.type,
+                                                                  membership.state_key)]
             stripped.append(hs.client_events.serialize(membership, include_room_id=False))
         return stripped
 

@@ -12,7 +12,8 @@ waiting never reaches the database.
 
 Messages for users on other servers go to the federation sender, which
 stores them (one m.direct_to_device EDU per server) until that server has
-acknowledged them.
+acknowledged them. Messages from other servers' users (``receive``) are
+stored like local ones, the EDU's message id standing for the transaction id.
 """
 
 import logging
@@ -79,6 +80,44 @@ class ToDeviceService:
         """
         local = {u: m for u, m in messages.items() if self.is_mine(u)}
         remote = sorted(u for u in messages if u not in local)
+        delivered = await self._store(sender, sender_device, txn_id, event_type, local)
+        # Federation: messages for remote users, stored durably until their server has them
+        # (only the first request with this transaction id: ``delivered`` is None on a retry).
+        federation = getattr(self.hs, "federation_sender", None)
+        if remote and delivered is not None and federation is not None:
+            await federation.send_to_device_messages(
+                sender, event_type, {u: messages[u] for u in remote}
+            )
+
+    async def receive(
+        self,
+        origin: str,
+        sender: str,
+        message_id: str,
+        event_type: str,
+        messages: Mapping[str, Mapping[str, dict[str, Any]]],
+    ) -> bool:
+        """An m.direct_to_device EDU from ``origin`` (the caller checked that ``sender``
+        is one of its users): store the messages for local users' devices.
+
+        The message id is a transaction id: a transaction retried after a
+        lost answer carries the EDU again, and it is stored only once (the
+        ids are kept for a day, in the database). Messages for users of other
+        servers are dropped, never relayed. False for a repeat.
+        """
+        local = {u: m for u, m in messages.items() if self.is_mine(u)}
+        return await self._store(sender, origin, message_id, event_type, local) is not None
+
+    async def _store(
+        self,
+        sender: str,
+        sender_device: str,
+        txn_id: str,
+        event_type: str,
+        local: Mapping[str, Mapping[str, dict[str, Any]]],
+    ) -> list[tuple[str, str]] | None:
+        """Store messages for local users once per transaction id; the devices that got
+        one, or None when the transaction id was used before."""
         now = self.hs.clock.time_msec()
         stream_id = self._stream.allocate()
         try:
@@ -96,19 +135,13 @@ class ToDeviceService:
                 entry[0] = stream_id
         users = {user_id for user_id, _ in delivered} if delivered else None
         self._stream.finish(stream_id, users)
-        # Federation: messages for remote users, stored durably until their server has them
-        # (only the first request with this transaction id: ``delivered`` is None on a retry).
-        federation = getattr(self.hs, "federation_sender", None)
-        if remote and delivered is not None and federation is not None:
-            await federation.send_to_device_messages(
-                sender, event_type, {u: messages[u] for u in remote}
-            )
         if now - self._last_cleanup >= TXN_CLEANUP_INTERVAL_MS:
             self._last_cleanup = now
             try:
                 await self.store.delete_txns_before(now - TXN_RETENTION_MS)
             except Exception:
                 logger.exception("deleting old to-device transaction ids failed")
+        return delivered
 
     def _on_visible(self, batches: list[set[str]]) -> None:
         users: set[str] = set()

@@ -52,4 +52,8 @@ def pagination_token(stream_ordering: int) -> str:
 
 
 def parse_pagination_token(token: str) -> int:
+    """The events position of a /messages token; negative positions are history
+    fetched from other servers (homeserver/services/backfill.py)."""
+    if token.startswith("s-") and token[2:].isdigit():
+        return -int(token[2:])
     return StreamToken.parse(token).events

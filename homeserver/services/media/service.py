@@ -6,8 +6,10 @@ in the back-end configured (local files or S3). Per hash, a lock in memory
 orders "store the bytes, record the id" against "forget the last id, delete
 the bytes", so a concurrent upload of identical bytes never loses its file.
 
-Media from other servers: ``fetch_remote_media`` is the one place the
-federation client will plug into; until then it answers 404.
+Media from other servers: ``fetch_remote_media`` fetches it from its origin
+over federation (``remote.py``) the first time it is asked for, stores it
+like an upload (origin: the other server) and serves it from this cache
+afterwards; concurrent requests for the same media share one fetch.
 """
 
 import logging
@@ -26,6 +28,11 @@ from homeserver.config.loader import parse_duration_ms, parse_size
 from homeserver.errors import MatrixError
 from homeserver.services.clock import Clock
 from homeserver.services.media.previews import AddressPolicy, UrlPreviewer
+from homeserver.services.media.remote import (
+    FetchedMedia,
+    RemoteMediaFetcher,
+    filename_from_disposition,
+)
 from homeserver.services.media.responses import bare_type
 from homeserver.services.media.storage import (
     LocalMediaStorage,
@@ -217,6 +224,10 @@ class MediaService:
             else LocalMediaStorage(hs.reactor, self.store_path)
         )
         self._create_limiter = ratelimiter_from_config(hs.clock, config["rc_media_create"])
+        self.prevent_downloads_from = frozenset(config["prevent_media_downloads_from"] or [])
+        self.federation_whitelist = config.get("federation_domain_whitelist")
+        self.remote = RemoteMediaFetcher(hs.federation_client, self.tmp_dir, self.max_upload_size)
+        self._remote_fetches = _Once()
         self.previews: UrlPreviewer | None = None
         if config["url_preview_enabled"]:
             blacklist = config.get("url_preview_ip_range_blacklist")
@@ -432,19 +443,21 @@ class MediaService:
         media_id: str,
         *,
         legacy: bool = False,
+        allow_remote: bool = True,
         timeout_ms: int | None = None,
     ) -> MediaRecord:
         """The uploaded media behind an mxc:// URI, or 404 (504 if it never arrives).
 
         ``legacy``: for the unauthenticated endpoints, which only serve media
-        from before enable_authenticated_media was turned on.
+        from before enable_authenticated_media was turned on (so they never
+        fetch remote media while it is on). ``allow_remote=False``: only
+        media already here (another server asking, as the spec requires).
         """
         if not MEDIA_ID.match(media_id) or not SERVER_NAME.match(server_name):
             raise not_found()
         if server_name != self.server_name:
-            record = await self.store.get_media(server_name, media_id)
-            if record is None:
-                record = await self.fetch_remote_media(server_name, media_id)
+            fetch = allow_remote and not (legacy and self.authenticated_media)
+            record = await self._remote_media(server_name, media_id, fetch, timeout_ms)
         else:
             record = await self.store.get_media(server_name, media_id)
         if record is None or record.quarantined_by is not None:
@@ -459,14 +472,74 @@ class MediaService:
         self._note_access(record)
         return record
 
-    async def fetch_remote_media(self, server_name: str, media_id: str) -> MediaRecord:
-        """Fetch media from its origin over federation and cache it (the federation hook).
+    async def _remote_media(
+        self, server_name: str, media_id: str, fetch: bool, timeout_ms: int | None
+    ) -> MediaRecord | None:
+        """Cached media of another server, fetched first if ``fetch`` and not cached."""
+        self._check_remote_allowed(server_name)
+        record = await self.store.get_media(server_name, media_id)
+        if record is None and fetch:
+            record = await self.fetch_remote_media(server_name, media_id, timeout_ms=timeout_ms)
+        return record
 
-        Fetching from other servers comes with the federation client: until
-        then remote media is not found.
+    def _check_remote_allowed(self, server_name: str) -> None:
+        """prevent_media_downloads_from: 404, cached or not (as Synapse, a moderation
+        tool); federation_domain_whitelist: 403 for servers it leaves out."""
+        if server_name in self.prevent_downloads_from:
+            raise not_found()
+        if self.federation_whitelist is not None and server_name not in self.federation_whitelist:
+            raise MatrixError("M_FORBIDDEN", f"Federation denied with {server_name}")
+
+    async def fetch_remote_media(
+        self, server_name: str, media_id: str, *, timeout_ms: int | None = None
+    ) -> MediaRecord:
+        """Fetch media from its origin over federation and cache it.
+
+        Concurrent calls for the same media share one fetch. Failures are
+        MatrixErrors for the client: 404 when the origin does not have it,
+        502 M_TOO_LARGE over max_upload_size, 502 M_UNKNOWN when it cannot be
+        reached or answers nonsense.
         """
-        raise not_found(
-            f"Media from other servers ({server_name}) cannot be fetched by this server yet"
+        return await self._remote_fetches.run(
+            (server_name, media_id),
+            lambda: self._fetch_and_store(server_name, media_id, timeout_ms),
+        )
+
+    async def _fetch_and_store(
+        self, server_name: str, media_id: str, timeout_ms: int | None
+    ) -> MediaRecord:
+        cached = await self.store.get_media(server_name, media_id)
+        if cached is not None:  # a fetch that finished while this one was queued
+            return cached
+        wait_ms = DEFAULT_UPLOAD_WAIT_MS if timeout_ms is None else timeout_ms
+        wait_ms = max(0, min(wait_ms, MAX_UPLOAD_WAIT_MS))
+        fetched = await self.remote.fetch(server_name, media_id, wait_ms)
+        try:
+            record = self._new_remote_record(server_name, media_id, fetched)
+            await self._store(fetched.upload, record)
+        finally:
+            self._discard_file(fetched.upload.path)
+        logger.info("cached mxc://%s/%s (%d bytes)", server_name, media_id, fetched.upload.length)
+        self._uploaded(record)
+        return record
+
+    def _new_remote_record(
+        self, server_name: str, media_id: str, fetched: FetchedMedia
+    ) -> MediaRecord:
+        return MediaRecord(
+            origin=server_name,
+            media_id=media_id,
+            user_id=None,
+            media_type=_clean_content_type(fetched.content_type),
+            upload_name=_clean_upload_name(filename_from_disposition(fetched.disposition)),
+            media_length=fetched.upload.length,
+            sha256=fetched.upload.sha256,
+            created_ts=self._clock.time_msec(),
+            unused_expires_ts=None,
+            last_access_ts=None,
+            quarantined_by=None,
+            safe_from_quarantine=False,
+            authenticated=self.authenticated_media,
         )
 
     async def _wait_for_upload(self, record: MediaRecord, timeout_ms: int | None) -> MediaRecord:
@@ -553,13 +626,16 @@ class MediaService:
         animated: bool,
         *,
         legacy: bool = False,
+        allow_remote: bool = True,
         timeout_ms: int | None = None,
     ) -> ThumbnailRecord:
         if width < 1 or height < 1:
             raise MatrixError("M_INVALID_PARAM", "width and height must be positive integers")
         if method not in ("crop", "scale"):
             raise MatrixError("M_INVALID_PARAM", "method must be crop or scale")
-        record = await self.get_media(server_name, media_id, legacy=legacy, timeout_ms=timeout_ms)
+        record = await self.get_media(
+            server_name, media_id, legacy=legacy, allow_remote=allow_remote, timeout_ms=timeout_ms
+        )
         media_type = bare_type(record.media_type)
         if media_type not in THUMBNAILABLE:
             raise MatrixError("M_UNKNOWN", "Cannot generate thumbnails for the requested content")

@@ -12,10 +12,12 @@ back at its own size (cropped to the box's aspect ratio for ``crop``).
 """
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from PIL import Image, ImageOps, ImageSequence
+
+if TYPE_CHECKING:  # Pillow is imported on first use: an idle server never loads it
+    from PIL import Image
 
 # Content types we make thumbnails of.
 THUMBNAILABLE = frozenset(
@@ -106,7 +108,9 @@ def choose_spec(
     return min(big_enough, key=lambda s: s.width * s.height)
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
+def _open(path: str, max_pixels: int) -> "Image.Image":
+    from PIL import Image
+
     try:
         img = Image.open(path, formats=_DECODERS)
     except Image.DecompressionBombError as e:  # Pillow's own limit, from the header
@@ -125,6 +129,8 @@ def _open(path: str, max_pixels: int) -> Image.Image:
 
 def image_info(path: str, max_pixels: int) -> ImageInfo:
     """Size and type from the header only (nothing is decoded)."""
+    from PIL import Image
+
     img = _open(path, max_pixels)
     try:
         return ImageInfo(img.size[0], img.size[1], Image.MIME.get(img.format or "", "image/png"))
@@ -150,7 +156,9 @@ def crop_region(
     return left, top, left + region_w, top + region_h
 
 
-def _transform(frame: Image.Image, spec: ThumbnailSpec) -> Image.Image:
+def _transform(frame: "Image.Image", spec: ThumbnailSpec) -> "Image.Image":
+    from PIL import Image
+
     width, height = frame.size
     if spec.method == "crop":
         box = crop_region(width, height, spec.width, spec.height)
@@ -166,8 +174,10 @@ def _transform(frame: Image.Image, spec: ThumbnailSpec) -> Image.Image:
     return frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def _static_frame(img: Image.Image) -> tuple[Image.Image, str]:
+def _static_frame(img: "Image.Image") -> "tuple[Image.Image, str]":
     """The first frame, upright, in a mode we can encode; and the output type."""
+    from PIL import ImageOps
+
     img.seek(0)
     if img.format == "JPEG":
         frame = ImageOps.exif_transpose(img) or img
@@ -176,7 +186,7 @@ def _static_frame(img: Image.Image) -> tuple[Image.Image, str]:
     return img.convert("RGBA" if has_alpha else "RGB"), "image/png"
 
 
-def _encode(frame: Image.Image, content_type: str) -> bytes:
+def _encode(frame: "Image.Image", content_type: str) -> bytes:
     out = io.BytesIO()
     if content_type == "image/jpeg":
         frame.save(out, "JPEG", quality=JPEG_QUALITY, optimize=True)
@@ -185,7 +195,9 @@ def _encode(frame: Image.Image, content_type: str) -> bytes:
     return out.getvalue()
 
 
-def _animated(img: Image.Image, spec: ThumbnailSpec, max_pixels: int) -> Thumbnail | None:
+def _animated(img: "Image.Image", spec: ThumbnailSpec, max_pixels: int) -> Thumbnail | None:
+    from PIL import ImageSequence
+
     frames_total = getattr(img, "n_frames", 1)
     width, height = img.size
     if frames_total > MAX_ANIMATED_FRAMES or frames_total * width * height > max_pixels:

@@ -33,7 +33,10 @@ class EventPersister:
         # them is refused too, however late it is queued.
         self._failed: OrderedDict[str, None] = OrderedDict()
         self._running = False
-        # Called with each committed batch, in stream order, on the reactor.
+        # Called with each committed batch, in stream order, on the reactor:
+        # ``on_stored`` with every event, then ``on_persisted`` with those in the
+        # rooms' timelines (not outliers or rejected events from other servers).
+        self.on_stored: list[Callable[[list[EventToPersist]], Any]] = []
         self.on_persisted: list[Callable[[list[EventToPersist]], Any]] = []
         # Called with the room ids of a failed batch so their caches reload.
         self.on_failed: list[Callable[[set[str]], Any]] = []
@@ -62,11 +65,14 @@ class EventPersister:
                 except Exception as e:
                     self._fail(batch, e)
                     continue
-                for callback in self.on_persisted:
-                    try:
-                        callback(items)
-                    except Exception:
-                        logger.exception("after-persist hook failed")
+                timeline = [item for item in items if item.in_timeline]
+                for callbacks, batch_items in ((self.on_stored, items),
+                                               (self.on_persisted, timeline)):
+                    for callback in callbacks if batch_items else ():
+                        try:
+                            callback(batch_items)
+                        except Exception:
+                            logger.exception("after-persist hook failed")
                 for _, d in batch:
                     d.callback(None)
         finally:

@@ -65,6 +65,22 @@ class RoomEventSender:
         redacted_target: Pdu | None = None,
     ) -> EventToPersist:
         """Build, sign and authorise an event and advance the room's state."""
+        pdu = self.build_unattached(room, sender, event_type, content, state_key, redacts)
+        item = self._advance(room, pdu, device_id, txn_id)
+        item.redacted_target = redacted_target
+        return item
+
+    def build_unattached(
+        self,
+        room: RoomState,
+        sender: str,
+        event_type: str,
+        content: dict[str, Any],
+        state_key: str | None = None,
+        redacts: str | None = None,
+    ) -> Pdu:
+        """Build, sign and authorise an event on the room's tip, leaving the room
+        as it is (an invite that another server must countersign first)."""
         version = room.room_version
         state_map = room.state
         auth_keys = auth_state_keys(version, event_type, sender, state_key, content)
@@ -98,9 +114,7 @@ class RoomEventSender:
             check_auth_rules(pdu, auth_events)
         except AuthError as e:
             raise MatrixError("M_FORBIDDEN", str(e)) from e
-        item = self._advance(room, pdu, device_id, txn_id)
-        item.redacted_target = redacted_target
-        return item
+        return pdu
 
     def build_create_event(
         self, version: RoomVersion, sender: str, content: dict[str, Any], room_id: str | None
@@ -141,8 +155,11 @@ class RoomEventSender:
         stream = self.hs.stream_ids.next()
         prev_group, prev_length = room.state_group, room.chain_length
         state_after = None
-        if pdu.is_state:
-            room.apply_state(pdu)
+        if pdu.is_state or prev_group is None:
+            # A new state group: a state event, or the first event after state
+            # resolution changed the room's state (which then has no group).
+            if pdu.is_state:
+                room.apply_state(pdu)
             if prev_group is None or prev_length + 1 >= SNAPSHOT_INTERVAL:
                 state_after = room.state_ids()
                 room.chain_length = 0
@@ -150,8 +167,9 @@ class RoomEventSender:
                 room.chain_length = prev_length + 1
             room.state_group = stream
             self.hs.state_groups.put(stream, state_after or room.state_ids())
+            self.hs.room_dags.on_built(pdu)
         room.extremities = [pdu.event_id]
-        room.depth = pdu.depth
+        room.depth = max(room.depth, pdu.depth)
         self.hs.event_cache.put(pdu, (device_id, txn_id) if txn_id is not None else None)
         relates_to, rel_type, key = relation_of(pdu.content)
         return EventToPersist(

@@ -15,6 +15,12 @@ from homeserver.core.power_levels import PowerLevels
 from homeserver.core.room_versions import RoomVersion, get_room_version
 from storage.events import RECENT_EVENTS, EventsStore
 
+# State that invitees and knockers see (spec "Stripped state").
+STRIPPED_STATE_TYPES = (
+    "m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.topic",
+    "m.room.canonical_alias", "m.room.encryption",
+)
+
 
 class RoomState:
     """One room's current state and tip, as this server sees it now."""
@@ -82,6 +88,16 @@ class RoomState:
         rule = event.content.get("join_rule") if event else None
         return rule if isinstance(rule, str) else "invite"
 
+    def stripped_state(self) -> list[dict[str, Any]]:
+        """The stripped state events an invitee or knocker is shown."""
+        out = []
+        for event_type in STRIPPED_STATE_TYPES:
+            event = self.get(event_type)
+            if event is not None:
+                out.append({"type": event.type, "state_key": event.state_key,
+                            "content": event.content, "sender": event.sender})
+        return out
+
     def content_of(self, event_type: str, key: str, default: Any = None) -> Any:
         event = self.get(event_type)
         return event.content.get(key, default) if event else default
@@ -136,6 +152,10 @@ class RoomStates:
         room.depth = record.max_depth
         room.state_group = record.state_group
         room.chain_length = record.state_group_chain_length
+        if await self._store.get_state_group(record.state_group) != record.current_state:
+            # State resolution made the current state, which has no group yet:
+            # the next event writes one.
+            room.state_group = None
         room.kind = record.kind
         room.recent = list(record.recent)
         room.last_stream = record.recent[-1][0] if record.recent else 0
