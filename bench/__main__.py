@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fed-members", type=int, help="members of the room each server joins (default 500)"
     )
     p.add_argument(
+        "--fed-joins",
+        type=int,
+        help="joins in each direction, each into a fresh room; the median is reported (default 3)",
+    )
+    p.add_argument(
         "--fed-messages", type=int, help="messages sent across in each direction (default 1000)"
     )
     p.add_argument(
@@ -131,6 +136,7 @@ def scale_from(args: argparse.Namespace) -> Scale:
         "reactions",
         "media_reps",
         "fed_members",
+        "fed_joins",
         "fed_messages",
         "fed_room_version",
         "fed_rate",

@@ -120,13 +120,16 @@ def federation_metrics(scale: Scale) -> list[Metric]:
         Metric(
             "fed_join",
             "join_s",
-            f"12a. join a {s.fed_members}-member room of the other server",
+            f"12a. join a {s.fed_members}-member room of the other server"
+            + (f", median of {s.fed_joins}" if s.fed_joins > 1 else ""),
             "s",
             False,
             1,  # the target: our join no slower than Synapse's
         ),
         Metric("fed_join", "sync_s", "     ... until the joiner's /sync shows it", "s", False),
-        Metric("fed_join", "cpu_s", "     CPU s of the joining server", "s", False),
+        Metric(
+            "fed_join", "joiner_cpu_s", "     CPU s of the joining server, per join", "s", False
+        ),
         Metric(
             "fed_messages",
             "per_s",

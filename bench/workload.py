@@ -51,6 +51,7 @@ class Scale:
     page_limit: int = 100  # /messages page size
     # Phase 12 (federation, bench/federation.py; only with --federation):
     fed_members: int = 500  # members of each server's room that the other server joins
+    fed_joins: int = 3  # such joins in each direction (a fresh room each), median reported
     fed_messages: int = 1000  # messages sent across, in each direction
     fed_room_version: str = "10"  # of the rooms of phase 12, the same on both servers
     fed_rate: float = 0.0  # > 0: phase 12's senders send at most this many messages/s
@@ -69,6 +70,7 @@ class Scale:
             reactors=4,
             media_reps=1,
             fed_members=20,
+            fed_joins=1,
             fed_messages=50,
         )
 
@@ -80,8 +82,10 @@ class Scale:
             )
         if self.members < 2 or self.rooms < 1 or self.devices < 1 or self.reactors < 1:
             raise ValueError("--members must be >= 2 and --rooms, devices, reactors >= 1")
-        if self.fed_members < 1 or self.fed_messages < 1 or self.fed_rate < 0:
-            raise ValueError("--fed-members and --fed-messages must be >= 1, --fed-rate >= 0")
+        if min(self.fed_members, self.fed_joins, self.fed_messages) < 1 or self.fed_rate < 0:
+            raise ValueError(
+                "--fed-members, --fed-joins and --fed-messages must be >= 1, --fed-rate >= 0"
+            )
         self.reactors = min(self.reactors, self.users)
 
 
@@ -330,6 +334,8 @@ class PhaseResult:
     timed_s: float = 0.0  # wall seconds of the timed part
     cpu_s: float | None = None  # server CPU seconds during the timed part
     elapsed_s: float = 0.0  # the whole phase, set-up included
+    # Phase 12: what was measured before a check failed (never shown as a figure).
+    unverified: dict[str, float | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -212,9 +212,13 @@ class FederationEventHandler:
         chain = await self._check_all(_list(answer, "auth_chain"), room)
         prev = await self._check_all(_list(event_answer, "pdus")[:1], room)
         await self.persist_outliers(room.room_version, chain + state + prev)
-        after = {p.state_tuple: p.event_id for p in state if p.is_state}
+        # Rejected events change no state (the state after one is the state before it).
+        have = await self.hs.events_store.have_events(p.event_id for p in state + prev)
+        accepted = {eid for eid, (_, rejected) in have.items() if not rejected}
+        after = {p.state_tuple: p.event_id for p in state
+                 if p.is_state and p.event_id in accepted}
         for p in prev:
-            if p.event_id == event_id and p.is_state:
+            if p.event_id == event_id and p.is_state and p.event_id in accepted:
                 after[p.state_tuple] = p.event_id
         return after
 
@@ -384,7 +388,8 @@ class FederationEventHandler:
         for new_pdu in delta.values():
             if new_pdu is not None:
                 room.apply_state(new_pdu)
-        if not (pdu.is_state and list(delta) == [pdu.state_tuple]):
+        own_key_only = pdu.is_state and list(delta) == [pdu.state_tuple]
+        if not (own_key_only and delta[pdu.state_tuple] is pdu):
             item.current_state_delta = delta
         room.extremities = extremities
         room.depth = max(room.depth, pdu.depth)

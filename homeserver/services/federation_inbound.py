@@ -68,12 +68,13 @@ class FederationInbound:
     async def _room_pdus(self, origin: str, datas: list[Any], results: dict[str, Any]) -> None:
         handler = self.hs.federation_events
         for data in datas:
-            event_id = self._event_id_of(data)
             try:
                 error = await handler.receive_pdu(origin, data)
             except Exception as e:  # never fail the transaction for one PDU
                 logger.exception("handling a PDU from %s failed", origin)
                 error = f"internal error: {type(e).__name__}"
+            # After handling: the room (whose version gives the id) is loaded by then.
+            event_id = self._event_id_of(data)
             if event_id is not None:
                 results[event_id] = {"error": error} if error else {}
 

@@ -95,7 +95,7 @@ class SyncService:
             elif membership in ("leave", "ban") and (
                 (since is not None and changed) or (since is None and req.filter.include_leave)
             ):
-                entry = await self._left_room(req, room_id, stream, now)
+                entry = await self._left_room(req, room_id, stream, now, event_id)
                 if entry is not None:
                     leave[room_id] = entry
 
@@ -274,11 +274,23 @@ class SyncService:
         return stripped
 
     async def _left_room(
-        self, req: SyncRequest, room_id: str, left_at: int, now: StreamToken
+        self, req: SyncRequest, room_id: str, left_at: int, now: StreamToken, event_id: str
     ) -> dict[str, Any] | None:
         room = await self.hs.room_states.get(room_id)
         if room is None:
-            return None
+            # A room elsewhere we were only invited to (or knocked on): the leave is
+            # all there is to show.
+            membership = await self.hs.events.get_event(event_id)
+            if membership is None:
+                return None
+            serialize = self.hs.client_events.serialize_events
+            return {
+                "timeline": {"events": await serialize([membership], req.user_id,
+                                                       req.device_id, False),
+                             "limited": False, "prev_batch": pagination_token(left_at - 1)},
+                "state": {"events": []},
+                "account_data": {"events": await self._room_account_data(req, room_id, now)},
+            }
         after = None if req.since is None else req.since.events
         timeline, rows, limited = await self._timeline(req, room, after, left_at)
         start = (rows[0][0] - 1) if rows else left_at

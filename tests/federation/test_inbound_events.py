@@ -71,6 +71,20 @@ class InboundEventsTestsMixin(RemoteServerFixture):
 
         return defer.ensureDeferred(go())
 
+    def test_first_pdu_after_a_restart_is_answered(self):
+        async def go():
+            room_id = await self.room_with_bob()
+            token = (await self.sync())["next_batch"]
+            await self.restart()
+            state = (await self.hs.room_states.get(room_id)).state_ids()
+            msg = await self.build(room_id, MESSAGE, BOB, text("hello again"), state=state)
+            self.hs.room_states.invalidate(room_id)  # as after the restart: not loaded yet
+            self.assertEqual(await self.put_txn([msg.to_federation_json()]),
+                             {"pdus": {msg.event_id: {}}})
+            self.assertEqual(self.timeline_ids(await self.sync(token), room_id), [msg.event_id])
+
+        return defer.ensureDeferred(go())
+
     # --- 3. bad PDUs beside a good one -----------------------------------------------------
     def test_bad_pdus_do_not_spoil_the_transaction(self):
         async def go():
@@ -178,6 +192,34 @@ class InboundEventsTestsMixin(RemoteServerFixture):
                              {"pdus": {reply.event_id: {}}})
             self.assertEqual(self.timeline_ids(await self.sync(token), room_id),
                              [reply.event_id])
+
+        return defer.ensureDeferred(go())
+
+    def test_child_of_a_rejected_state_event(self):
+        async def go():
+            room_id = await self.room_with_bob()
+            room = self.hs.room_states.get_cached(room_id)
+            state = room.state_ids()
+            [tip] = room.extremities
+            # bob (power 0) renames the room: rejected. His next message cites it.
+            name = await self.build(room_id, NAME, BOB, {"name": "bob's"}, state_key="")
+            reply = await self.build(room_id, MESSAGE, BOB, text("and?"), prev=[name.event_id],
+                                     state=state)
+            await self.put_txn([name.to_federation_json()])
+            self.assertEqual(await self.stored(name.event_id), (False, True))
+            self.serve_state(state, name)  # /state at it: the state before it
+            self.assertEqual(await self.put_txn([reply.to_federation_json()]),
+                             {"pdus": {reply.event_id: {}}})
+            # The state after a rejected event is the state before it: the name is
+            # in neither the reply's state nor the room's.
+            group = (await self.hs.events_store.get_event_positions(
+                [reply.event_id]))[reply.event_id][1]
+            self.assertEqual(await self.hs.state_groups.get(group), state)
+            self.assertIsNone(room.get(NAME))
+            self.assertEqual(set(room.extremities), {tip, reply.event_id})
+            merge = await self.hs.room_sender.send(self.alice, room_id, MESSAGE, text("m"))
+            self.assertEqual(set(merge.prev_event_ids), {tip, reply.event_id})
+            self.assertEqual(room.state_ids(), state)
 
         return defer.ensureDeferred(go())
 
@@ -512,60 +554,96 @@ class InboundEventsTestsMixin(RemoteServerFixture):
         return defer.ensureDeferred(go())
 
     # --- 11. backfill ------------------------------------------------------------------------
+    async def join_remote_room(self, history: int = 5):
+        """alice joins a public room of remote.test that has ``history`` messages,
+        through make_join/send_join answered by the fake remote (which also
+        answers /backfill from everything it has). Returns (room_id, the room's
+        state events oldest first, the messages, alice's join)."""
+        room_id, state, events = await self.remote_room(join_rule="public")
+        messages = []
+        for i in range(history):
+            messages.append(await self.build(
+                room_id, MESSAGE, BOB, text(f"old {i}"),
+                prev=[(messages or events)[-1].event_id], state=state))
+        everything = {p.event_id: p for p in events + messages}
+
+        def make_join(args, query, content):
+            self.assertEqual(args, [room_id, self.alice])
+            self.assertIn(self.version, query["ver"])
+            auth = select_auth_events(self.room_version, MEMBER, self.alice, self.alice,
+                                      {"membership": "join"}, state)
+            if not self.room_version.create_event_in_auth_events:
+                auth = [a for a in auth if a != state[(CREATE, "")]]
+            last = (messages or events)[-1]
+            return {"room_version": self.version, "event": {
+                "type": MEMBER, "room_id": room_id, "sender": self.alice,
+                "state_key": self.alice, "content": {"membership": "join"},
+                "depth": last.depth + 1, "origin_server_ts": 0,
+                "prev_events": [last.event_id], "auth_events": auth}}
+
+        def send_join(args, query, content):
+            join = Pdu.from_dict(content, self.room_version)
+            everything[join.event_id] = join
+            self.remote_events[join.event_id] = join
+            return {"origin": REMOTE, "members_omitted": False, "servers_in_room": [REMOTE],
+                    "event": content,
+                    "state": [everything[e].to_federation_json() for e in state.values()],
+                    "auth_chain": [p.to_federation_json() for p in events
+                                   if p.type not in (NAME, "m.room.history_visibility")]}
+
+        def backfill(args, query, content):
+            """What a real server answers: from the given events back, by depth."""
+            self.assertEqual(args, [room_id])
+            limit = int(query["limit"])
+            todo, seen, out = list(query["v"]), set(), []
+            while todo and len(out) < limit:
+                todo.sort(key=lambda e: everything[e].depth)
+                event_id = todo.pop()
+                if event_id in seen or event_id not in everything:
+                    continue
+                seen.add(event_id)
+                out.append(everything[event_id])
+                todo.extend(everything[event_id].prev_event_ids)
+            return {"origin": REMOTE, "origin_server_ts": 0,
+                    "pdus": [p.to_federation_json() for p in out]}
+
+        self.fake.handlers.update(make_join=make_join, send_join=send_join, backfill=backfill)
+        join = await self.hs.membership.join(self.alice, room_id, servers=[REMOTE])
+        return room_id, events, messages, join
+
+    def test_live_events_after_joining_a_remote_room(self):
+        async def go():
+            room_id, events, _, join = await self.join_remote_room(history=0)
+            room = self.hs.room_states.get_cached(room_id)
+            self.assertEqual(room.membership(self.alice), "join")
+            self.assertEqual(room.membership(BOB), "join")
+            self.assertEqual(room.extremities, [join.event_id])
+            token = (await self.sync())["next_batch"]
+            msg = await self.build(room_id, MESSAGE, BOB, text("welcome"))
+            self.assertEqual(list(msg.prev_event_ids), [join.event_id])
+            self.assertEqual(await self.put_txn([msg.to_federation_json()]),
+                             {"pdus": {msg.event_id: {}}})
+            body = await self.sync(token)
+            self.assertEqual(self.timeline_ids(body, room_id), [msg.event_id])
+            reply = await self.hs.room_sender.send(self.alice, room_id, MESSAGE, text("thanks"))
+            self.assertEqual(list(reply.prev_event_ids), [msg.event_id])
+            await self._settle()
+            self.assertIn(reply.event_id, self.ids(self.fake.pdus_sent()))
+            # bob renames the room (he has the power): the name changes for alice.
+            name = await self.build(room_id, NAME, BOB, {"name": "Renamed"}, state_key="")
+            await self.put_txn([name.to_federation_json()])
+            self.assertEqual(room.get(NAME).event_id, name.event_id)
+            # And alice leaves: the leave goes out, the room is no longer ours.
+            leave = await self.hs.membership.leave(self.alice, room_id)
+            await self._settle()
+            self.assertIn(leave.event_id, self.ids(self.fake.pdus_sent()))
+            self.assertEqual(room.membership(self.alice), "leave")
+
+        return defer.ensureDeferred(go())
+
     def test_backfill_after_joining_a_remote_room(self):
         async def go():
-            room_id, state, events = await self.remote_room(join_rule="public")
-            messages = []
-            for i in range(5):
-                messages.append(await self.build(
-                    room_id, MESSAGE, BOB, text(f"old {i}"),
-                    prev=[(messages or events)[-1].event_id], state=state))
-            state_ids = dict(state)
-
-            def make_join(args, query, content):
-                self.assertEqual(args, [room_id, self.alice])
-                self.assertIn(self.version, query["ver"])
-                auth = select_auth_events(self.room_version, MEMBER, self.alice, self.alice,
-                                          {"membership": "join"}, state_ids)
-                if not self.room_version.create_event_in_auth_events:
-                    auth = [a for a in auth if a != state_ids[(CREATE, "")]]
-                return {"room_version": self.version, "event": {
-                    "type": MEMBER, "room_id": room_id, "sender": self.alice,
-                    "state_key": self.alice, "content": {"membership": "join"},
-                    "depth": messages[-1].depth + 1, "origin_server_ts": 0,
-                    "prev_events": [messages[-1].event_id], "auth_events": auth}}
-
-            everything = {p.event_id: p for p in events + messages}
-
-            def send_join(args, query, content):
-                join = Pdu.from_dict(content, self.room_version)
-                everything[join.event_id] = join
-                return {"origin": REMOTE, "members_omitted": False, "servers_in_room": [REMOTE],
-                        "event": content,
-                        "state": [everything[e].to_federation_json() for e in state_ids.values()],
-                        "auth_chain": [p.to_federation_json() for p in events
-                                       if p.type != NAME and p.type != "m.room.history_visibility"
-                                       ]}
-
-            def backfill(args, query, content):
-                """What a real server answers: from the given events back, by depth."""
-                self.assertEqual(args, [room_id])
-                limit = int(query["limit"])
-                todo, seen, out = list(query["v"]), set(), []
-                while todo and len(out) < limit:
-                    todo.sort(key=lambda e: everything[e].depth)
-                    event_id = todo.pop()
-                    if event_id in seen or event_id not in everything:
-                        continue
-                    seen.add(event_id)
-                    out.append(everything[event_id])
-                    todo.extend(everything[event_id].prev_event_ids)
-                return {"origin": REMOTE, "origin_server_ts": 0,
-                        "pdus": [p.to_federation_json() for p in out]}
-
-            self.fake.handlers.update(make_join=make_join, send_join=send_join,
-                                      backfill=backfill)
-            join = await self.hs.membership.join(self.alice, room_id, servers=[REMOTE])
+            room_id, events, messages, join = await self.join_remote_room()
             room = self.hs.room_states.get_cached(room_id)
             self.assertEqual(room.membership(self.alice), "join")
             self.assertEqual(room.get(NAME).content["name"], "Remote room")
