@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from homeserver.core.events import CREATE, MEMBER, Pdu, StateKey
+from homeserver.core.events import CREATE, MEMBER, REDACTION, Pdu, StateKey
 from homeserver.core.room_versions import get_room_version
 from storage.database import Database, Txn
 
@@ -135,6 +135,12 @@ class EventsStore:
             elif pdu.is_state:
                 self._apply_current_state_delta_txn(
                     txn, pdu.room_id, {pdu.state_tuple: pdu}, e.stream_ordering
+                )
+            if pdu.type == REDACTION and pdu.redacts:
+                txn.execute(
+                    "INSERT INTO redactions (event_id, redacts) VALUES (?, ?)"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    (pdu.event_id, pdu.redacts),
                 )
             if e.redacted_target is not None:
                 # The original content is never served again: the stored JSON
@@ -537,3 +543,23 @@ class EventsStore:
             ids,
         )
         return {eid: (sg != NO_STATE_GROUP, reason is not None) for eid, sg, reason in rows}
+
+    async def get_redactions_of(self, event_id: str) -> list[str]:
+        """Ids of the accepted redaction events in the timeline that redact this event."""
+        rows = await self.db.select(
+            "redactions_of",
+            "SELECT r.event_id FROM redactions r JOIN events e USING (event_id)"
+            " WHERE r.redacts = ? AND e.rejected_reason IS NULL AND e.outlier = FALSE",
+            (event_id,),
+        )
+        return [r[0] for r in rows]
+
+    async def redact_stored(self, target: Pdu, redaction_id: str) -> None:
+        """Store an already-persisted event redacted (its redaction came first)."""
+        await self.db.run_interaction(
+            "redact_stored",
+            lambda txn: txn.execute(
+                "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ?",
+                (_json_encoder.encode(target.redacted().data), redaction_id, target.event_id),
+            ),
+        )

@@ -308,7 +308,9 @@ class FederationEventHandler:
                 return
             item = hs.room_sender._advance(room, pdu, None, None)
             item.redacted_target = self._effective_redaction(pdu, target, room.state)
+            state_now = dict(room.state)
             await hs.persister.persist(item)
+            await self._apply_earlier_redactions(pdu, state_now)
             return
 
         state_sets = await self._states_after(prevs, remote_states)
@@ -329,6 +331,19 @@ class FederationEventHandler:
         after_pdus = {**state_before_pdus, **({pdu.state_tuple: pdu} if pdu.is_state else {})}
         item = self._join_room(room, pdu, prevs, state_sets, state_after, after_pdus, target)
         await hs.persister.persist(item)
+        if not item.outlier:
+            await self._apply_earlier_redactions(pdu, after_pdus)
+
+    async def _apply_earlier_redactions(self, pdu: Pdu, state: Mapping[StateKey, Pdu]) -> None:
+        """A redaction of this event may have arrived before it (another server's
+        order): then the event is stored redacted now."""
+        store = self.hs.events_store
+        for redaction_id in await store.get_redactions_of(pdu.event_id):
+            redaction = await self.hs.events.get_event(redaction_id)
+            if redaction is not None and self._effective_redaction(redaction, pdu, state) is pdu:
+                await store.redact_stored(pdu, redaction_id)
+                self.hs.event_cache.put(pdu.with_redacted_because(redaction_id))
+                return
 
     def _join_room(
         self,

@@ -6,7 +6,6 @@ and the /send answers. Rooms 10, 11 and 12.
 """
 
 
-import pytest
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -267,9 +266,6 @@ class InboundEventsTestsMixin(RemoteServerFixture):
 
         return defer.ensureDeferred(go())
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "a redaction that arrives before its target is not applied when the target"
-        " arrives: nothing looks up pending redactions of a newly received event"))
     def test_redaction_before_its_target(self):
         async def go():
             room_id = await self.room_with_bob()
