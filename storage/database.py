@@ -7,10 +7,9 @@ reads run beside the writer). PostgreSQL uses a psycopg connection pool.
 """
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from twisted.internet import defer, threads
@@ -18,6 +17,9 @@ from twisted.python.threadpool import ThreadPool
 
 from storage.engines import PostgresEngine, SqliteEngine, postgres_conninfo
 from storage.schema_runner import SchemaError, prepare_schema
+
+if TYPE_CHECKING:  # imported by SqliteEngine.connect: PostgreSQL never loads it
+    import sqlite3
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class Database:
         logger.info("database closed")
 
     # --- connections ------------------------------------------------------------
-    def _sqlite_connection(self) -> sqlite3.Connection:
+    def _sqlite_connection(self) -> "sqlite3.Connection":
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self.engine.connect()

@@ -5,10 +5,12 @@ them into ``%s`` (and doubles literal ``%``), so the same text runs on both.
 """
 
 import re
-import sqlite3
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:  # sqlite3 is imported when a SQLite database is opened, not on PostgreSQL
+    import sqlite3
 
 
 @attrs.frozen
@@ -18,7 +20,9 @@ class SqliteEngine:
     name = "sqlite3"
     supports_returning = True
 
-    def connect(self) -> sqlite3.Connection:
+    def connect(self) -> "sqlite3.Connection":
+        import sqlite3
+
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a
         # transaction is exactly one run_interaction call.
         conn = sqlite3.connect(
@@ -40,6 +44,8 @@ class SqliteEngine:
         return "BEGIN IMMEDIATE" if write else "BEGIN"
 
     def is_retryable(self, error: BaseException) -> bool:
+        import sqlite3
+
         return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
 
 

@@ -43,6 +43,20 @@ def load_or_create_signing_keys(path: str) -> list[Any]:
     return read_signing_keys(path)
 
 
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc; elsewhere a no-op).
+
+    Start-up (config, schema, imports) frees about a MiB of C heap that glibc
+    would otherwise keep mapped while the server idles.
+    """
+    try:
+        import ctypes  # already loaded by Twisted
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
 def run(config: HomeserverConfig) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT."""
     from twisted.internet import defer, reactor
@@ -99,5 +113,6 @@ def run(config: HomeserverConfig) -> int:
             "%s ready in %.2fs", config.server_name, time.monotonic() - started
         )
     )
+    reactor.callWhenRunning(release_free_heap)
     reactor.run()
     return 0

@@ -28,30 +28,21 @@ the body goes to a consumer chunk by chunk instead of into memory.
 answer may point) through the same address policy and TLS.
 """
 
+import functools
 import io
 import ipaddress
 import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import attrs
-import treq
 from OpenSSL import SSL
-from treq.client import HTTPClient
 from twisted.internet import defer, protocol, ssl
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
-from twisted.web.client import (
-    URI,
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory
@@ -73,6 +64,12 @@ from homeserver.services.discovery import (
     is_ip_literal,
     split_server_name,
 )
+
+if TYPE_CHECKING:
+    from twisted.web.client import URI
+
+# The HTTP client (twisted.web.client, its endpoints, treq) is imported on first
+# use: a server that has not talked to another one yet does not carry it.
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +382,12 @@ class Connector:
     async def connect(
         self, destination: str, targets: Sequence[tuple[str, int]], tls_name: str, factory: Any
     ) -> Any:
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            wrapClientTLS,
+        )
+
         last: Exception | None = None
         for ip, port in await self.allowed_addresses(destination, targets):
             tcp_cls = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
@@ -417,7 +420,7 @@ class _FederationEndpointFactory:
         self._connector = connector
         self._address_of = address_of
 
-    def endpointForURI(self, uri: URI) -> _Endpoint:
+    def endpointForURI(self, uri: "URI") -> _Endpoint:
         destination = bytes.fromhex(uri.host.decode("ascii")).decode("utf-8")
 
         async def connect(factory: Any) -> Any:
@@ -436,7 +439,7 @@ class _HttpsEndpointFactory:
     def __init__(self, connector: Connector) -> None:
         self._connector = connector
 
-    def endpointForURI(self, uri: URI) -> _Endpoint:
+    def endpointForURI(self, uri: "URI") -> _Endpoint:
         if uri.scheme != b"https":
             raise RequestFailedError(uri.host.decode("ascii", "replace"), "only https is allowed")
         host = uri.host.decode("ascii")
@@ -509,6 +512,12 @@ class _TooLarge(Exception):
     pass
 
 
+def _body_producer(data: bytes) -> Any:
+    from twisted.web.client import FileBodyProducer
+
+    return FileBodyProducer(io.BytesIO(data))
+
+
 async def _read_body(response: Any, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -519,6 +528,8 @@ async def _read_body(response: Any, limit: int) -> bytes:
         if size > limit:
             raise _TooLarge()
         chunks.append(data)
+
+    import treq
 
     await treq.collect(response, collect)
     return b"".join(chunks)
@@ -591,6 +602,8 @@ class _StreamBody(protocol.Protocol):
             self._fail(_ConsumerFailed(e))
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        from twisted.web.client import ResponseDone
+
         if self.finished.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
@@ -658,16 +671,7 @@ class FederationClient:
             ip_filter or IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST),
             tls or TlsPolicy(),
         )
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 5
-        self._pool.cachedConnectionTimeout = 90
         self._addresses: dict[str, ServerAddress] = {}
-        self._agent = Agent.usingEndpointFactory(
-            reactor, _FederationEndpointFactory(self.connector, self._address_for), self._pool
-        )
-        self._well_known_agent = Agent.usingEndpointFactory(
-            reactor, _HttpsEndpointFactory(self.connector), self._pool
-        )
         self.discovery = discovery or ServerDiscovery(
             self.resolver, self.fetch_well_known, self._now_ms
         )
@@ -706,9 +710,36 @@ class FederationClient:
             now_ms=clock,
         )
 
+    # The connection pool and agents are made on first use (see the imports).
+    @functools.cached_property
+    def _pool(self) -> Any:
+        from twisted.web.client import HTTPConnectionPool
+
+        pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool.maxPersistentPerHost = 5
+        pool.cachedConnectionTimeout = 90
+        return pool
+
+    @functools.cached_property
+    def _agent(self) -> Any:
+        from twisted.web.client import Agent
+
+        return Agent.usingEndpointFactory(
+            self._reactor, _FederationEndpointFactory(self.connector, self._address_for), self._pool
+        )
+
+    @functools.cached_property
+    def _well_known_agent(self) -> Any:
+        from twisted.web.client import Agent
+
+        return Agent.usingEndpointFactory(
+            self._reactor, _HttpsEndpointFactory(self.connector), self._pool
+        )
+
     async def close(self) -> None:
         """Close pooled connections (shutdown, tests)."""
-        await self._pool.closeCachedConnections()
+        if "_pool" in self.__dict__:  # else no request was ever made
+            await self._pool.closeCachedConnections()
 
     def _address_for(self, destination: str) -> ServerAddress:
         return self._addresses[destination]
@@ -943,9 +974,9 @@ class FederationClient:
         if content is not None:
             data = encode_canonical_json(content)
             headers.setRawHeaders(b"Content-Type", [b"application/json"])
-            producer = FileBodyProducer(io.BytesIO(data))
+            producer = _body_producer(data)
         elif method in ("PUT", "POST"):
-            producer = FileBodyProducer(io.BytesIO(b""))
+            producer = _body_producer(b"")
         url = (
             _FEDERATION_SCHEME
             + b"://"
@@ -1033,6 +1064,8 @@ class FederationClient:
         )
 
     async def _fetch_well_known(self, hostname: str) -> WellKnownResponse:
+        from treq.client import HTTPClient
+
         client = HTTPClient(self._well_known_agent)
         url = f"https://{hostname}/.well-known/matrix/server"
         seen = {url}

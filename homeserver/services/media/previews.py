@@ -26,10 +26,8 @@ from urllib.parse import urljoin, urlsplit
 
 import attrs
 from twisted.internet import defer, protocol, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory
@@ -140,6 +138,13 @@ class _PinnedEndpoints:
         self._address = address
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 - Twisted's interface
+        # The HTTP client is imported on first use: an idle server does not carry it.
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            wrapClientTLS,
+        )
+
         cls = TCP6ClientEndpoint if ":" in self._address else TCP4ClientEndpoint
         endpoint = cls(self._reactor, self._address, uri.port, timeout=CONNECT_TIMEOUT_SECONDS)
         if uri.scheme == b"https":
@@ -167,6 +172,8 @@ class _Collect(protocol.Protocol):
         self._parts.append(data)
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        from twisted.web.client import ResponseDone
+
         if self._finished.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
@@ -415,6 +422,8 @@ class UrlPreviewer:
                     "M_FORBIDDEN",
                     "URL refers to a blocked address (url_preview_ip_range_blacklist)",
                 )
+            from twisted.web.client import Agent, HTTPConnectionPool
+
             pool = HTTPConnectionPool(self._reactor, persistent=False)
             agent = Agent.usingEndpointFactory(
                 self._reactor, _PinnedEndpoints(self._reactor, addresses[0]), pool=pool
