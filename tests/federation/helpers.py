@@ -30,6 +30,24 @@ class FakeDns:
         raise DNSLookupError(host)
 
 
+def loopback_client(name: str, key: Any, **kwargs: Any) -> Any:
+    """A FederationClient speaking as ``name`` that may reach 127.0.0.0/8 only
+    (no certificate checks, no DNS): for in-process servers on loopback."""
+    from homeserver.services.federation_client import (
+        DEFAULT_IP_RANGE_BLOCKLIST,
+        FederationClient,
+        IpRangeFilter,
+        TlsPolicy,
+    )
+
+    kwargs.setdefault("tls", TlsPolicy(verify=False))
+    return FederationClient(
+        reactor, name, key,
+        ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
+        resolver=FakeDns(), **kwargs,
+    )
+
+
 class FakeClock:
     def __init__(self, now_ms: int = 1_700_000_000_000) -> None:
         self.now = now_ms

@@ -25,7 +25,6 @@ from twisted.internet import defer, reactor, task
 from crypto.b64 import encode_base64
 from crypto.keys import generate_signing_key
 from federation import register_federation_resources
-from homeserver.config.loader import DEFAULT_IP_RANGE_BLOCKLIST
 from homeserver.core.auth_events import select_auth_events
 from homeserver.core.builder import build_event
 from homeserver.core.events import CREATE, MEMBER, Pdu, compute_event_id
@@ -33,10 +32,7 @@ from homeserver.core.room_versions import get_room_version
 from homeserver.services.clock import Clock
 from homeserver.services.federation_client import (
     Backoff,
-    FederationClient,
     HttpResponseError,
-    IpRangeFilter,
-    TlsPolicy,
     build_path,
 )
 from homeserver.services.federation_sender import FederationSender
@@ -46,7 +42,7 @@ from homeserver.services.sync import SyncRequest
 from homeserver.services.tokens import StreamToken
 from storage import Database, DatabaseConfig
 from storage.server_keys import ServerKeyStore, StoredServerKey
-from tests.federation.helpers import FakeDns, LoopbackServer
+from tests.federation.helpers import LoopbackServer, loopback_client
 from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 REMOTE = "remote.test"
@@ -125,11 +121,7 @@ class RemoteServerFixture:
         self.hs = make_homeserver(self.stack, self.directory, "sqlite3",
                                   server_name=self.server.name)
         self._attach()
-        self.remote = FederationClient(
-            reactor, REMOTE, KEY,
-            ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
-            tls=TlsPolicy(verify=False), resolver=FakeDns(),
-        )
+        self.remote = loopback_client(REMOTE, KEY)
         self.room_version = get_room_version(self.version)
         self.remote_events: dict[str, Pdu] = {}  # everything remote.test built
         self.txn_counter = 0

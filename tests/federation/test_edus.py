@@ -12,18 +12,14 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from crypto.keys import generate_signing_key
 from federation import register_federation_resources
-from homeserver.config.loader import DEFAULT_IP_RANGE_BLOCKLIST
 from homeserver.core.events import MEMBER
 from homeserver.services.clock import Clock
 from homeserver.services.federation_client import (
-    FederationClient,
-    IpRangeFilter,
-    TlsPolicy,
     build_path,
 )
 from homeserver.services.federation_edus import REMOTE_TYPING_TIMEOUT_MS
@@ -31,7 +27,7 @@ from homeserver.services.filtering import SyncFilter
 from homeserver.services.sync import SyncRequest
 from homeserver.services.tokens import StreamToken
 from homeserver.services.typing import TypingService
-from tests.federation.helpers import FakeDns, FakeKeyring, LoopbackServer
+from tests.federation.helpers import FakeKeyring, LoopbackServer, loopback_client
 from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 REMOTE = "127.0.0.1:1"  # bob's server: bob is in the room
@@ -306,11 +302,7 @@ class EduTestsMixin:
             register_federation_resources(self.server.router, self.hs)
             room_id = await self.room()
             token = (await self.sync())["next_batch"]
-            client = FederationClient(
-                reactor, REMOTE, KEY,
-                ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
-                tls=TlsPolicy(verify=False), resolver=FakeDns(),
-            )
+            client = loopback_client(REMOTE, KEY)
             self.clients.append(client)
             transaction = {"origin": REMOTE, "origin_server_ts": 0, "pdus": [], "edus": [
                 {"edu_type": "m.typing",

@@ -14,15 +14,16 @@ from zope.interface import implementer
 
 from crypto.keys import generate_signing_key
 from federation.queries import register_query_resources
-from homeserver.config.loader import DEFAULT_IP_RANGE_BLOCKLIST
 from homeserver.errors import MatrixError
 from homeserver.services.federation_client import (
-    FederationClient,
     HttpResponseError,
-    IpRangeFilter,
-    TlsPolicy,
 )
-from tests.federation.helpers import FakeDns, FakeHomeServer, FakeKeyring, LoopbackServer
+from tests.federation.helpers import (
+    FakeHomeServer,
+    FakeKeyring,
+    LoopbackServer,
+    loopback_client,
+)
 
 ORIGIN = "origin.test"
 KEY = generate_signing_key("q")
@@ -77,14 +78,7 @@ class QueryTests(TestCase):
         self.hs.profiles = FakeProfiles(self.server.name)
         self.hs.directory = FakeDirectory()
         register_query_resources(self.server.router, self.hs)
-        self.client = FederationClient(
-            reactor,
-            ORIGIN,
-            KEY,
-            ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
-            tls=TlsPolicy(verify=False),
-            resolver=FakeDns(),
-        )
+        self.client = loopback_client(ORIGIN, KEY)
 
     async def _teardown(self):
         await self.client.close()

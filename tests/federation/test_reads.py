@@ -13,22 +13,18 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from crypto.keys import generate_signing_key
 from federation import register_federation_resources
-from homeserver.config.loader import DEFAULT_IP_RANGE_BLOCKLIST
 from homeserver.core.events import MEMBER
 from homeserver.errors import MatrixError
 from homeserver.services.federation_client import (
-    FederationClient,
     HttpResponseError,
-    IpRangeFilter,
-    TlsPolicy,
     build_path,
 )
-from tests.federation.helpers import FakeDns, FakeKeyring, LoopbackServer
+from tests.federation.helpers import FakeKeyring, LoopbackServer, loopback_client
 from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 REMOTE = "127.0.0.1:1"  # has bob in the rooms
@@ -56,14 +52,7 @@ class ReadsTestsMixin:
         self.clients = []
 
     def client(self, name, key):
-        client = FederationClient(
-            reactor,
-            name,
-            key,
-            ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
-            tls=TlsPolicy(verify=False),
-            resolver=FakeDns(),
-        )
+        client = loopback_client(name, key)
         self.clients.append(client)
         return client
 

@@ -11,25 +11,21 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from crypto.keys import ServerSigningKey, generate_signing_key
 from crypto.signing import sign_json, verify_signature
 from federation import register_federation_resources
-from homeserver.config.loader import DEFAULT_IP_RANGE_BLOCKLIST
 from homeserver.core.events import MEMBER
 from homeserver.services.federation_client import (
-    FederationClient,
     HttpResponseError,
-    IpRangeFilter,
     NotRetryingDestination,
     RequestFailedError,
-    TlsPolicy,
     build_path,
 )
 from homeserver.services.remote_keys import CLAIM_PATH, QUERY_PATH
-from tests.federation.helpers import FakeDns, FakeKeyring, LoopbackServer
+from tests.federation.helpers import FakeKeyring, LoopbackServer, loopback_client
 from tests.support.homeserver import add_user, close_homeserver, make_homeserver
 
 REMOTE = "127.0.0.1:1"
@@ -122,14 +118,7 @@ class UserKeysTests(unittest.TestCase):
         return hs, server
 
     def client(self, name, key):
-        client = FederationClient(
-            reactor,
-            name,
-            key,
-            ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
-            tls=TlsPolicy(verify=False),
-            resolver=FakeDns(),
-        )
+        client = loopback_client(name, key)
         self.clients.append(client)
         return client
 

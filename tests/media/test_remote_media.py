@@ -28,19 +28,15 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from crypto.keys import generate_signing_key
-from homeserver.config.loader import DEFAULT_IP_RANGE_BLOCKLIST
 from homeserver.services.federation_client import (
     DestinationBlockedError,
-    FederationClient,
     HttpResponseError,
-    IpRangeFilter,
     RequestFailedError,
     ResponseTooLargeError,
-    TlsPolicy,
 )
 from homeserver.services.media.remote import (
     MalformedResponse,
@@ -49,7 +45,7 @@ from homeserver.services.media.remote import (
     filename_from_disposition,
 )
 from homeserver.services.media.responses import CONTENT_SECURITY_POLICY
-from tests.federation.helpers import FakeDns, LoopbackServer
+from tests.federation.helpers import LoopbackServer, loopback_client
 from tests.media.helpers import decode, image_bytes
 from tests.support.http import Response, request
 from tests.support.server import free_port
@@ -625,14 +621,7 @@ class StreamingClientTests(TestCase):
         self.server.router.register("GET", r"/bytes/(?P<size>\d+)", self._bytes)
         self.server.router.register("GET", r"/hop/(?P<n>\d+)", self._hop)
         self.server.router.register("GET", r"/missing", self._missing)
-        self.client = FederationClient(
-            reactor,
-            "origin.test",
-            generate_signing_key("s"),
-            ip_filter=IpRangeFilter(DEFAULT_IP_RANGE_BLOCKLIST, ["127.0.0.0/8"]),
-            tls=TlsPolicy(verify=False),
-            resolver=FakeDns(),
-        )
+        self.client = loopback_client("origin.test", generate_signing_key("s"))
         self.name = self.server.name
 
     async def _bytes(self, request, size):
