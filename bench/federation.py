@@ -5,12 +5,14 @@ Both servers run with a TLS federation listener and server names
 client-server traffic to the two servers; what crosses between them is their
 own federation.
 
-12a, ``fed_join``: each server hosts a public room of ``fed_members`` local
-members (set up untimed: registered and joined one by one through the client
-API, a few at a time). A fresh user of the *other* server then joins it by room
-id with ``server_name=<host>``: timed from ``POST /join`` to its 200, and to the
-joiner's ``/sync`` (long-polling from a token taken before the join) showing the
-room under ``rooms.join``. Both rooms have the same room version
+12a, ``fed_join``: each server hosts ``fed_joins`` public rooms of ``fed_members``
+local members each (set up untimed: registered and joined through the client
+API, a few at a time). A fresh user of the *other* server then joins each by room
+id with ``server_name=<host>``, one join at a time, alternating which server
+joins first: timed from ``POST /join`` to its 200, and to the joiner's ``/sync``
+(long-polling from a token taken before the join) showing the room under
+``rooms.join``; the median over the joins is reported. Both rooms have the same
+room version
 (``fed_room_version``) and the same state, so each server does the same work:
 make_join, send_join, checking and storing a state of ``fed_members + 1``
 members and its auth chain. Verified: the joiner's server then lists
@@ -30,8 +32,9 @@ missing, whether the receiver's timeline was gappy (``limited``), how many event
 Synapse's log says it pruned from its inbound queue, and how many of the missing
 ones the receiver's ``/messages`` then returns (backfilled from the sender).
 
-Results use the other phases' shape (results[label][key]); the column (label)
-is the server whose work is measured:
+Results use the other phases' shape (results[label][key]); a measurement with
+errors shows no figure, and what it measured is kept apart in the JSON
+(``unverified``). The column (label) is the server whose work is measured:
 - ``fed_join``: the *joining* server (ours joining Synapse's room, Synapse
   joining ours);
 - ``fed_messages``: the *receiving* server (ours receiving from Synapse,
@@ -61,6 +64,7 @@ from bench.workload import (
     User,
     VerifyFailed,
     World,
+    _progress,
     ms,
     percentile,
     rate,
@@ -264,22 +268,28 @@ async def recover_by_paging(
     receiver: Side, user: User, room: str, prefix: str, wanted: set[int]
 ) -> set[int]:
     """Which of ``wanted`` the receiver's ``/messages`` (backwards from the end) returns:
-    what a client does on a gap in its timeline (the server backfills from the sender)."""
+    what a client does on a gap in its timeline. The server backfills the gap from the
+    sender, Synapse in the background while it answers, so this pages back from the
+    end again (up to 5 times, 2 s apart) while that brings more of them."""
     found: set[int] = set()
-    query: dict[str, Any] = {"dir": "b", "limit": 100}
-    deadline = time.monotonic() + 120
-    while not wanted <= found and time.monotonic() < deadline:
-        body = await receiver.api.request(
-            "GET", f"{V3}/rooms/{q(room)}/messages", "messages", user=user, query=query
-        )
-        chunk = body.get("chunk", [])
-        for e in chunk:
-            message = (e.get("content") or {}).get("body")
-            if isinstance(message, str) and message.startswith(prefix):
-                found.add(int(message[len(prefix) :]))
-        if not chunk or not body.get("end"):
+    for attempt in range(5):
+        before = len(found)
+        query: dict[str, Any] = {"dir": "b", "limit": 100}
+        for _ in range(1000):
+            body = await receiver.api.request(
+                "GET", f"{V3}/rooms/{q(room)}/messages", "messages", user=user, query=query
+            )
+            chunk = body.get("chunk", [])
+            for e in chunk:
+                message = (e.get("content") or {}).get("body")
+                if isinstance(message, str) and message.startswith(prefix):
+                    found.add(int(message[len(prefix) :]))
+            if wanted <= found or not chunk or not body.get("end"):
+                break
+            query["from"] = body["end"]
+        if wanted <= found or (attempt and len(found) == before):
             break
-        query["from"] = body["end"]
+        await asyncio.sleep(2)
     return found & wanted
 
 
@@ -514,8 +524,6 @@ async def run_federation(
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, PhaseResult]]:
     """12a and 12b in both directions; results keyed like run_workload's."""
-    from bench.workload import _progress
-
     results: dict[str, dict[str, PhaseResult]] = {ours.label: {}, synapse.label: {}}
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(

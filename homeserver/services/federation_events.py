@@ -19,6 +19,7 @@ room's in-memory state on and queues the event for persisting, is
 synchronous, so it cannot interleave with our own users' sends.
 """
 
+import heapq
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -53,21 +54,31 @@ class PduRejected(Exception):
 
 def topological(pdus: Iterable[Pdu]) -> list[Pdu]:
     """Events ordered so that each comes after the auth and prev events it cites
-    among them (ties by depth)."""
-    pending = {p.event_id: p for p in pdus}
-    done: set[str] = set()
+    among them (Kahn's algorithm, ties by depth then id; linear in the events
+    and their references, so a 500-member room's state sorts at once)."""
+    by_id = {p.event_id: p for p in pdus}
+    waiting_on: dict[str, int] = {}
+    children: dict[str, list[str]] = {}
+    for pdu in by_id.values():
+        cited = {c for c in (*pdu.auth_event_ids, *pdu.prev_event_ids) if c in by_id}
+        cited.discard(pdu.event_id)
+        waiting_on[pdu.event_id] = len(cited)
+        for c in cited:
+            children.setdefault(c, []).append(pdu.event_id)
+    ready = [(p.depth, p.event_id) for p in by_id.values() if waiting_on[p.event_id] == 0]
+    heapq.heapify(ready)
     ordered: list[Pdu] = []
-    while pending:
-        ready = [
-            p for p in pending.values()
-            if all(a in done or a not in pending for a in (*p.auth_event_ids, *p.prev_event_ids))
-        ]
-        if not ready:  # a cycle (forged events): keep depth order for the rest
-            ready = list(pending.values())
-        for pdu in sorted(ready, key=lambda p: (p.depth, p.event_id)):
-            ordered.append(pdu)
-            done.add(pdu.event_id)
-            del pending[pdu.event_id]
+    while ready:
+        _, event_id = heapq.heappop(ready)
+        ordered.append(by_id[event_id])
+        for child in children.get(event_id, ()):
+            waiting_on[child] -= 1
+            if waiting_on[child] == 0:
+                heapq.heappush(ready, (by_id[child].depth, child))
+    if len(ordered) < len(by_id):  # a cycle (forged events): the rest by depth
+        placed = {p.event_id for p in ordered}
+        ordered.extend(sorted((p for p in by_id.values() if p.event_id not in placed),
+                              key=lambda p: (p.depth, p.event_id)))
     return ordered
 
 

@@ -175,6 +175,15 @@ class SyncService:
             group = next(g for stream, _, g in reversed(recent) if stream <= position)
         else:
             group = await self.hs.events_store.get_state_group_before(room.room_id, position)
+        if group is None:
+            # The room's history here starts later (we joined it over federation):
+            # the state after its first event, without that event itself.
+            first = await self.hs.events_store.get_room_events(
+                room.room_id, position, None, 1, descending=False)
+            if not first:
+                return {}
+            state = dict(await self.hs.state_groups.get(first[0][2]))
+            return {k: v for k, v in state.items() if v != first[0][1]}
         return await self.hs.state_groups.get(group)
 
     async def _joined_room(

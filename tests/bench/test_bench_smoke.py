@@ -46,6 +46,6 @@ def test_quick_workload_runs_clean_against_our_server(tmp_path):
     }
     rows = report.build_rows(scale, results, resources)
     table = report.format_table(rows)
-    assert "n/a: federation not implemented yet" in table
+    assert "12. federation" in table and "not run (scripts/bench --federation)" in table
     sequential = next(r for r in rows if r["phase"] == "send_sequential" and r["metric"] == "per_s")
     assert sequential["ours"] > 0 and sequential["synapse"] is None and sequential["ratio"] is None

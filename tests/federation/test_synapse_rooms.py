@@ -323,10 +323,15 @@ def test_invite_and_join(pair: Pair, room_version: str) -> None:
     assert create["content"].get("room_version", "1") == room_version, create
     assert stripped.get(("m.room.name", ""), {}).get("content") == {"name": name}, list(stripped)
 
-    host_mark = host.mark()
+    host_mark, remote_mark = host.mark(), remote.mark()
     assert remote.ok("POST", f"/join/{q(room_id)}", {}) == {"room_id": room_id}
     host.wait_for(room_id, is_member(remote.user_id, "join"), after=host_mark,
                   what="the remote user's join")
+    # The joined room's state reaches the joiner's /sync (name and creator's membership).
+    remote.wait_for(room_id, lambda e: e.get("type") == "m.room.name", section="state",
+                    after=remote_mark, what="the room's name in the state of its sync")
+    assert any(is_member(host.user_id, "join")(e)
+               for e in remote.events(room_id, "state", remote_mark)), "host's membership"
     both = {host.user_id, remote.user_id}
     for user in (host, remote):
         eventually(

@@ -17,8 +17,6 @@ still answers 200: ``tests/federation/conftest.py`` attaches the logs of
 every server started here (``running_logs()``) to each failing test.
 """
 
-import datetime
-import ipaddress
 import os
 import secrets
 import signal
@@ -31,11 +29,8 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from bench.servers import generate_tls_certificate, loopback_only_blocklist
 from crypto.keys import generate_signing_key, write_signing_keys
 from tests.support.clients import E2E_CONFIG
 from tests.support.http import request
@@ -54,61 +49,6 @@ def running_logs(max_chars: int = 40_000) -> list[tuple[str, str]]:
         text = path.read_text(errors="replace") if path.exists() else "(no log)"
         out.append((name, text[-max_chars:]))
     return out
-
-
-def loopback_only_blocklist() -> list[str]:
-    """CIDR ranges covering every IPv4 and IPv6 address except 127.0.0.0/8 (and its
-    IPv4-mapped, -compatible and 6to4 forms, which Synapse derives from IPv4 ranges)."""
-    v4 = list(
-        ipaddress.ip_network("0.0.0.0/0").address_exclude(ipaddress.ip_network("127.0.0.0/8"))
-    )
-    v6: list[Any] = [ipaddress.ip_network("::/0")]
-    for keep in ("::ffff:127.0.0.0/104", "::127.0.0.0/104", "2002:7f00::/24"):
-        keep_net = ipaddress.ip_network(keep)
-        v6 = [
-            part
-            for net in v6
-            for part in (net.address_exclude(keep_net) if keep_net.subnet_of(net) else [net])
-        ]
-    return [str(n) for n in sorted(v4)] + [str(n) for n in ipaddress.collapse_addresses(v6)]
-
-
-def generate_tls_certificate(directory: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost; (cert path, key path)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.DNSName("localhost"),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 # --- Synapse ------------------------------------------------------------------------
