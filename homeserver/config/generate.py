@@ -279,7 +279,8 @@ def render_config(
         data_dir=data_dir,
         port=port,
         bind_address=bind_address,
-        shared_secret=shared_secret or secrets.token_urlsafe(32),
+        # hex: never a leading "-", since people type it after -k
+        shared_secret=shared_secret or secrets.token_hex(32),
     )
 
 
