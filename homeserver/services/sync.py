@@ -66,8 +66,10 @@ class SyncService:
                 continue  # something landed while computing: compute again
             rooms = await hs.user_rooms.get(request.user_id)
             await hs.notifier.wait(request.user_id, rooms.keys(), remaining)
-            if self.current_token() == now:
+            if self.current_token() == now and hs.clock.time_msec() >= deadline:
                 return result  # timed out with nothing new
+            # Something new, or a wake-up that brought nothing (a presence change
+            # woke the user before this request began waiting): look again.
 
     async def _compute(self, req: SyncRequest, now: StreamToken) -> tuple[dict[str, Any], bool]:
         hs = self.hs
