@@ -90,6 +90,9 @@ class FederationEventHandler:
     def __init__(self, hs: Any) -> None:
         self.hs = hs
         self._locks: dict[str, defer.DeferredLock] = {}
+        # Events redacted before we had them (in memory: after a restart such a
+        # late event is shown unredacted until its redaction is re-sent).
+        self._redacted_before_seen: set[str] = set()
 
     def room_lock(self, room_id: str) -> defer.DeferredLock:
         lock = self._locks.get(room_id)
@@ -137,6 +140,10 @@ class FederationEventHandler:
     ) -> None:
         """Checks 4-6 and persisting, for an event that passed checks 1-3.
         The caller holds the room's lock."""
+        if self.hs.event_cache.get(pdu.event_id) is not None:
+            return  # stored already (or being stored)
+        if await self._follows_tip(room, pdu):
+            return
         if await self._known(pdu.event_id):
             return
         missing = await self._prevs_without_state(pdu)
@@ -148,6 +155,36 @@ class FederationEventHandler:
         }
         await self.ensure_auth_events(origin, room, pdu)
         await self._check_and_persist(room, pdu, remote_states)
+
+    async def _follows_tip(self, room: RoomState, pdu: Pdu) -> bool:
+        """The usual case, with no database read: an event whose prev events are the
+        room's extremities and whose auth events are in its current state. Then
+        the state before it is the current state, in memory, and so are its auth
+        events (the current state holds no rejected event). False: it needs the
+        general path.
+
+        An event citing our tip is recent, so had we stored it, the event cache
+        would hold it (rejected and soft-failed ones included).
+        """
+        target = await self._redaction_target(pdu) if pdu.type == REDACTION else None
+        if set(pdu.prev_event_ids) != set(room.extremities):
+            return False
+        current = {p.event_id: p for p in room.state.values()}
+        if any(a not in current for a in effective_auth_event_ids(pdu)):
+            return False
+        reason = self._auth_against_own_auth_events(pdu, current, set())
+        if reason is None:
+            reason = self.auth_against_state(pdu, room.state)
+        if reason is not None:
+            await self._persist_rejected(room, pdu, reason)
+            return True
+        self._note_redaction(pdu, target)
+        item = self.hs.room_sender._advance(room, pdu, None, None)
+        item.redacted_target = self._effective_redaction(pdu, target, room.state)
+        state_now = dict(room.state)
+        await self.hs.persister.persist(item)
+        await self._apply_earlier_redactions(pdu, state_now)
+        return True
 
     async def _known(self, event_id: str) -> bool:
         if self.hs.event_cache.get(event_id) is not None:
@@ -309,6 +346,7 @@ class FederationEventHandler:
             await self._persist_rejected(room, pdu, reason)
             return
         target = await self._redaction_target(pdu)
+        self._note_redaction(pdu, target)
 
         prevs = list(pdu.prev_event_ids)
         if set(prevs) == set(room.extremities) and not remote_states:
@@ -345,9 +383,16 @@ class FederationEventHandler:
         if not item.outlier:
             await self._apply_earlier_redactions(pdu, after_pdus)
 
+    def _note_redaction(self, pdu: Pdu, target: Pdu | None) -> None:
+        if pdu.type == REDACTION and pdu.redacts and target is None:
+            self._redacted_before_seen.add(pdu.redacts)
+
     async def _apply_earlier_redactions(self, pdu: Pdu, state: Mapping[StateKey, Pdu]) -> None:
         """A redaction of this event may have arrived before it (another server's
         order): then the event is stored redacted now."""
+        if pdu.event_id not in self._redacted_before_seen:
+            return
+        self._redacted_before_seen.discard(pdu.event_id)
         store = self.hs.events_store
         for redaction_id in await store.get_redactions_of(pdu.event_id):
             redaction = await self.hs.events.get_event(redaction_id)
@@ -441,6 +486,7 @@ class FederationEventHandler:
 
     async def _persist_rejected(self, room: RoomState, pdu: Pdu, reason: str) -> None:
         logger.info("rejecting %s: %s", pdu.event_id, reason)
+        self.hs.event_cache.put(pdu)  # so that a repeat is known without a read
         self.hs.room_dags.on_built(pdu, rejected=True)
         await self.hs.persister.persist(EventToPersist(
             pdu=pdu, stream_ordering=self.hs.stream_ids.next(), state_group=NO_STATE_GROUP,
