@@ -93,6 +93,8 @@ class FederationEventHandler:
         # Events redacted before we had them (in memory: after a restart such a
         # late event is shown unredacted until its redaction is re-sent).
         self._redacted_before_seen: set[str] = set()
+        # Writes of events from transactions, not yet awaited (``settle``).
+        self._unsettled: list[defer.Deferred[None]] = []
 
     def room_lock(self, room_id: str) -> defer.DeferredLock:
         lock = self._locks.get(room_id)
@@ -129,20 +131,23 @@ class FederationEventHandler:
             return str(e)
         async with self.room_lock(room_id):
             try:
-                await self.handle_new_pdu(origin, room, pdu)
+                await self.handle_new_pdu(origin, room, pdu, settle_later=True)
             except PduRejected as e:
                 logger.info("dropping %s from %s: %s", pdu.event_id, origin, e)
                 return str(e)
         return None
 
     async def handle_new_pdu(
-        self, origin: str, room: RoomState, pdu: Pdu, fetch_missing: bool = True
+        self, origin: str, room: RoomState, pdu: Pdu, fetch_missing: bool = True,
+        settle_later: bool = False,
     ) -> None:
         """Checks 4-6 and persisting, for an event that passed checks 1-3.
-        The caller holds the room's lock."""
+        The caller holds the room's lock. With ``settle_later`` an event that
+        follows the room's tip may still be being written on return: ``settle``
+        waits for it (a transaction's events then share database transactions)."""
         if self.hs.event_cache.get(pdu.event_id) is not None:
             return  # stored already (or being stored)
-        if await self._follows_tip(room, pdu):
+        if await self._follows_tip(room, pdu, settle_later):
             return
         if await self._known(pdu.event_id):
             return
@@ -156,7 +161,13 @@ class FederationEventHandler:
         await self.ensure_auth_events(origin, room, pdu)
         await self._check_and_persist(room, pdu, remote_states)
 
-    async def _follows_tip(self, room: RoomState, pdu: Pdu) -> bool:
+    async def settle(self) -> None:
+        """Wait until every event taken in so far is stored; raise if one failed."""
+        while self._unsettled:
+            pending, self._unsettled = self._unsettled, []
+            await defer.gatherResults(pending, consumeErrors=True)
+
+    async def _follows_tip(self, room: RoomState, pdu: Pdu, settle_later: bool = False) -> bool:
         """The usual case, with no database read: an event whose prev events are the
         room's extremities and whose auth events are in its current state. Then
         the state before it is the current state, in memory, and so are its auth
@@ -181,8 +192,12 @@ class FederationEventHandler:
         self._note_redaction(pdu, target)
         item = self.hs.room_sender._advance(room, pdu, None, None)
         item.redacted_target = self._effective_redaction(pdu, target, room.state)
+        written = self.hs.persister.persist(item)
+        if settle_later and pdu.event_id not in self._redacted_before_seen:
+            self._unsettled.append(written)
+            return True
         state_now = dict(room.state)
-        await self.hs.persister.persist(item)
+        await written
         await self._apply_earlier_redactions(pdu, state_now)
         return True
 

@@ -61,6 +61,9 @@ class FederationInbound:
              for room_pdus in by_room.values()],
             consumeErrors=True,
         )
+        # Answered only once every accepted event is stored: a failed write fails
+        # the transaction (500), so its server sends it again.
+        await self.hs.federation_events.settle()
         for edu in edus:
             await self._edu(origin, edu)
         return results
