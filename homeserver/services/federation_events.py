@@ -271,9 +271,9 @@ class FederationEventHandler:
             )
         except FederationError as e:
             raise PduRejected(f"could not fetch the state at {event_id}: {e}") from e
-        state = await self._check_all(_list(answer, "pdus"), room)
-        chain = await self._check_all(_list(answer, "auth_chain"), room)
-        prev = await self._check_all(_list(event_answer, "pdus")[:1], room)
+        state = await self._check_all(list_field(answer, "pdus"), room)
+        chain = await self._check_all(list_field(answer, "auth_chain"), room)
+        prev = await self._check_all(list_field(event_answer, "pdus")[:1], room)
         await self.persist_outliers(room.room_version, chain + state + prev)
         # Rejected events change no state (the state after one is the state before it).
         have = await self.hs.events_store.have_events(p.event_id for p in state + prev)
@@ -297,7 +297,7 @@ class FederationEventHandler:
             )
         except FederationError as e:
             raise PduRejected(f"could not fetch its auth events: {e}") from e
-        chain = await self._check_all(_list(answer, "auth_chain"), room)
+        chain = await self._check_all(list_field(answer, "auth_chain"), room)
         await self.persist_outliers(room.room_version, chain)
         have = await self.hs.events_store.have_events(missing)
         if any(a not in have for a in missing):
@@ -559,6 +559,7 @@ class FederationEventHandler:
         return None
 
 
-def _list(answer: Any, name: str) -> list[Any]:
+def list_field(answer: Any, name: str) -> list[Any]:
+    """``answer[name]`` if the answer is an object and that is a list, else []."""
     value = answer.get(name) if isinstance(answer, dict) else None
     return value if isinstance(value, list) else []

@@ -25,7 +25,7 @@ from homeserver.core.power_levels import domain_of
 from homeserver.core.room_versions import KNOWN_ROOM_VERSIONS, get_room_version
 from homeserver.errors import MatrixError
 from homeserver.services.federation_client import FederationError, build_path
-from homeserver.services.federation_events import PduRejected, topological
+from homeserver.services.federation_events import PduRejected, list_field, topological
 from homeserver.services.federation_reads import acl_allows
 from homeserver.services.rooms.state import STRIPPED_STATE_TYPES, RoomState
 from storage.events import NO_STATE_GROUP, EventToPersist
@@ -306,8 +306,8 @@ class FederationMembership:
         version = pdu.room_version
         room_id = pdu.room_id
         async with events.room_lock(room_id):
-            state = await events.check_all_for_room(_list(sent, "state"), room_id, version)
-            chain = await events.check_all_for_room(_list(sent, "auth_chain"), room_id, version)
+            state = await events.check_all_for_room(list_field(sent, "state"), room_id, version)
+            chain = await events.check_all_for_room(list_field(sent, "auth_chain"), room_id, version)
             rejected = await events.persist_outliers(version, chain + state)
             state_map: dict[StateKey, Pdu] = {}
             for p in topological(state):
@@ -355,7 +355,7 @@ class FederationMembership:
         except FederationError as e:
             raise e.to_matrix_error() from e
         if membership == "knock" and isinstance(sent, dict):
-            knock_state = [_stripped(e) for e in _list(sent, "knock_room_state")
+            knock_state = [_stripped(e) for e in list_field(sent, "knock_room_state")
                            if isinstance(e, dict)]
             pdu = Pdu(pdu.room_version, pdu.event_id,
                       {**pdu.data, "unsigned": {"knock_room_state": knock_state}})
@@ -394,8 +394,3 @@ class FederationMembership:
 
 def _stripped(event: dict[str, Any]) -> dict[str, Any]:
     return {k: event[k] for k in ("type", "state_key", "content", "sender") if k in event}
-
-
-def _list(answer: Any, name: str) -> list[Any]:
-    value = answer.get(name) if isinstance(answer, dict) else None
-    return value if isinstance(value, list) else []
