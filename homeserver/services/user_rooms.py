@@ -27,14 +27,19 @@ class UserRooms:
 
     def on_persisted(self, items: list[EventToPersist]) -> None:
         for item in items:
-            pdu = item.pdu
-            if pdu.type != "m.room.member":
-                continue
-            rooms = self._users.get(pdu.state_key)
-            if rooms is not None:
-                rooms[pdu.room_id] = (
-                    pdu.content.get("membership", "leave"), item.stream_ordering, pdu.event_id
-                )
+            members = [item.pdu] if item.pdu.type == "m.room.member" else []
+            if item.current_state_delta:
+                # State resolution (or a join over federation) can change other
+                # users' memberships than the event's own.
+                members += [p for (t, _), p in item.current_state_delta.items()
+                            if t == "m.room.member" and p is not None and p is not item.pdu]
+            for pdu in members:
+                rooms = self._users.get(pdu.state_key)
+                if rooms is not None:
+                    rooms[pdu.room_id] = (
+                        pdu.content.get("membership", "leave"), item.stream_ordering,
+                        pdu.event_id,
+                    )
 
     def forget(self, user_id: str, room_id: str) -> None:
         rooms = self._users.get(user_id)
