@@ -28,6 +28,7 @@ from typing import Any
 from twisted.internet import defer
 
 from homeserver.errors import MatrixError
+from homeserver.services.federation_reads import acl_allows
 from homeserver.services.memberships import joined_rooms
 from homeserver.services.presence import STATES as PRESENCE_STATES
 
@@ -101,11 +102,17 @@ class FederationEduHandler:
         typing = content.get("typing")
         if not isinstance(typing, bool):
             raise BadEdu("typing must be a boolean")
+        room_id = _string(content, "room_id")
+        self._check_acl(origin, room_id)
         # Only joined members (M_FORBIDDEN otherwise); the federation sender only
         # passes our own users' typing on, so this is not sent back out.
-        await self.hs.typing.set_typing(
-            user_id, _string(content, "room_id"), typing, REMOTE_TYPING_TIMEOUT_MS
-        )
+        await self.hs.typing.set_typing(user_id, room_id, typing, REMOTE_TYPING_TIMEOUT_MS)
+
+    def _check_acl(self, origin: str, room_id: str) -> None:
+        """Typing and receipts in a room obey its server ACL, as its events do."""
+        room = self.hs.room_states.get_cached(room_id)
+        if room is not None and not acl_allows(room.get("m.room.server_acl"), origin):
+            raise BadEdu(f"{origin} is denied by the server ACL of {room_id}")
 
     async def _on_receipt(self, origin: str, content: dict[str, Any]) -> None:
         writes = []
@@ -117,6 +124,7 @@ class FederationEduHandler:
                 continue
             for user_id, receipt in reads.items():
                 try:
+                    self._check_acl(origin, room_id)
                     writes.append(self._receipt(origin, room_id, user_id, receipt))
                 except BadEdu as e:
                     logger.info("dropping a receipt from %s: %s", origin, e)

@@ -157,6 +157,25 @@ class EduTestsMixin:
 
         return defer.ensureDeferred(go())
 
+    def test_typing_and_receipts_obey_the_server_acl(self):
+        async def go():
+            room_id = await self.room()
+            m1 = await self.hs.room_sender.send(
+                self.alice, room_id, "m.room.message", {"msgtype": "m.text", "body": "hi"})
+            await self.hs.room_sender.send(
+                self.alice, room_id, "m.room.server_acl",
+                {"allow": ["*"], "allow_ip_literals": False}, "")  # REMOTE is an IP literal
+            token = (await self.sync())["next_batch"]
+            await self.edus.on_edu(REMOTE, "m.typing", {"room_id": room_id, "user_id": BOB,
+                                                        "typing": True})
+            await self.edus.on_edu(REMOTE, "m.receipt", {room_id: {"m.read": {
+                BOB: {"event_ids": [m1.event_id], "data": {"ts": 1}}}}})
+            body = await self.sync(token)
+            self.assertEqual(self.ephemeral(body, room_id, "m.typing"), [])
+            self.assertEqual(self.ephemeral(body, room_id, "m.receipt"), [])
+
+        return defer.ensureDeferred(go())
+
     # --- receipts --------------------------------------------------------------
     def test_receipts_show_in_sync(self):
         async def go():
