@@ -393,7 +393,7 @@ class FederationEventHandler:
         if [e for e in room.extremities if e not in prevs]:
             await hs.room_dags.get(room.room_id)
         after_pdus = {**state_before_pdus, **({pdu.state_tuple: pdu} if pdu.is_state else {})}
-        item = self._join_room(room, pdu, prevs, state_sets, state_after, after_pdus, target)
+        item = self._take_into_room(room, pdu, prevs, state_sets, state_after, after_pdus, target)
         await hs.persister.persist(item)
         if not item.outlier:
             await self._apply_earlier_redactions(pdu, after_pdus)
@@ -416,7 +416,7 @@ class FederationEventHandler:
                 self.hs.event_cache.put(pdu.with_redacted_because(redaction_id))
                 return
 
-    def _join_room(
+    def _take_into_room(
         self,
         room: RoomState,
         pdu: Pdu,

@@ -27,7 +27,7 @@ from homeserver.errors import MatrixError
 from homeserver.services.federation_client import FederationError, build_path
 from homeserver.services.federation_events import PduRejected, list_field, topological
 from homeserver.services.federation_reads import acl_allows
-from homeserver.services.rooms.state import STRIPPED_STATE_TYPES, RoomState
+from homeserver.services.rooms.state import STRIPPED_STATE_TYPES, RoomState, stripped
 from storage.events import NO_STATE_GROUP, EventToPersist
 
 logger = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ class FederationMembership:
                 invite_state = (pdu.data.get("unsigned") or {}).get("invite_room_state", [])
             stored = Pdu(version, signed.event_id, {
                 **signed.data,
-                "unsigned": {"invite_room_state": [_stripped(e) for e in invite_state
+                "unsigned": {"invite_room_state": [stripped(e) for e in invite_state
                                                    if isinstance(e, dict)]},
             })
             await self._persist_out_of_room(stored)
@@ -355,7 +355,7 @@ class FederationMembership:
         except FederationError as e:
             raise e.to_matrix_error() from e
         if membership == "knock" and isinstance(sent, dict):
-            knock_state = [_stripped(e) for e in list_field(sent, "knock_room_state")
+            knock_state = [stripped(e) for e in list_field(sent, "knock_room_state")
                            if isinstance(e, dict)]
             pdu = Pdu(pdu.room_version, pdu.event_id,
                       {**pdu.data, "unsigned": {"knock_room_state": knock_state}})
@@ -390,7 +390,3 @@ class FederationMembership:
         if signed.event_id != invite.event_id or destination not in signed.signatures:
             raise MatrixError("M_UNKNOWN", "The invitee's server did not countersign", 502)
         return signed
-
-
-def _stripped(event: dict[str, Any]) -> dict[str, Any]:
-    return {k: event[k] for k in ("type", "state_key", "content", "sender") if k in event}

@@ -22,6 +22,11 @@ STRIPPED_STATE_TYPES = (
 )
 
 
+def stripped(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as stripped state: type, state_key, content and sender only."""
+    return {k: event[k] for k in ("type", "state_key", "content", "sender") if k in event}
+
+
 class RoomState:
     """One room's current state and tip, as this server sees it now."""
 
@@ -90,13 +95,8 @@ class RoomState:
 
     def stripped_state(self) -> list[dict[str, Any]]:
         """The stripped state events an invitee or knocker is shown."""
-        out = []
-        for event_type in STRIPPED_STATE_TYPES:
-            event = self.get(event_type)
-            if event is not None:
-                out.append({"type": event.type, "state_key": event.state_key,
-                            "content": event.content, "sender": event.sender})
-        return out
+        events = (self.get(event_type) for event_type in STRIPPED_STATE_TYPES)
+        return [stripped(event.data) for event in events if event is not None]
 
     def content_of(self, event_type: str, key: str, default: Any = None) -> Any:
         event = self.get(event_type)
