@@ -44,9 +44,14 @@ def _check(value: Any) -> None:
             raise CanonicalJsonError(f"cannot encode {t.__name__} as JSON")
 
 
-def encode_canonical_json(value: Any) -> bytes:
-    """Encode ``value`` as canonical JSON bytes, refusing floats and big integers."""
-    _check(value)
+def encode_canonical_json(value: Any, *, checked: bool = False) -> bytes:
+    """Encode ``value`` as canonical JSON bytes, refusing floats and big integers.
+
+    ``checked``: the caller has already encoded ``value`` or a value containing
+    it with this function, so it cannot hold floats or big integers.
+    """
+    if not checked:
+        _check(value)
     return _encoder.encode(value).encode("utf-8")
 
 

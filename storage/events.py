@@ -94,9 +94,10 @@ class EventsStore:
         self.db = database
 
     # --- writing -------------------------------------------------------------
-    async def persist_events(self, events: Sequence[EventToPersist]) -> None:
-        """Write a batch of events in one transaction (all or nothing)."""
-        await self.db.run_interaction("persist_events", self._persist_txn, events)
+    async def persist_events(self, events: Sequence[EventToPersist], quick: bool = False) -> None:
+        """Write a batch of events in one transaction (all or nothing); ``quick``:
+        a small batch, which may be written on the reactor thread (SQLite)."""
+        await self.db.run_interaction("persist_events", self._persist_txn, events, quick=quick)
 
     def _persist_txn(self, txn: Txn, events: Sequence[EventToPersist]) -> None:
         event_rows = []

@@ -18,6 +18,10 @@ from storage.database import Database, Txn
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+# Up to this many rows are a ``quick`` write (see storage/database.py).
+QUICK_ROWS = 500
+
+
 @attrs.frozen
 class StoredRule:
     rule_id: str
@@ -145,7 +149,10 @@ class PushStore:
     async def write_notifications(
         self, rows: Sequence[PushActionRow], marks: Sequence[ReadMark]
     ) -> None:
-        await self.db.run_interaction("write_push_actions", self._write_txn, rows, marks)
+        await self.db.run_interaction(
+            "write_push_actions", self._write_txn, rows, marks,
+            quick=len(rows) + len(marks) <= QUICK_ROWS,
+        )
 
     def _write_txn(
         self, txn: Txn, rows: Sequence[PushActionRow], marks: Sequence[ReadMark]

@@ -138,7 +138,7 @@ def build_event(
 
     # redact_pdu keeps "hashes" and drops anything unsigned; the result has no
     # signatures yet, so it is the signing input and the reference hash input.
-    signable = encode_canonical_json(redact_pdu(data, room_version))
+    signable = encode_canonical_json(redact_pdu(data, room_version), checked=True)
     signature = encode_base64(signing_key.signing_key.sign(signable).signature)
     data["signatures"] = {server_name: {signing_key.key_id: signature}}
     extra = {"hashes": data["hashes"], "signatures": data["signatures"]}

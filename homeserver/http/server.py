@@ -48,6 +48,18 @@ def respond_json(request: Request, status: int, body: Any) -> None:
     if request.method != b"HEAD":
         request.write(data)
     request.finish()
+    _flush(request)
+
+
+def _flush(request: Request) -> None:
+    """Send the response now rather than on the reactor's next turn, so the
+    client has it while the server goes on with the turn's remaining work
+    (after-persist hooks, other requests). Plain TCP transports only; if the
+    send fails, the reactor finds out as usual on its next turn."""
+    transport = getattr(request.channel, "transport", None)
+    do_write = getattr(transport, "doWrite", None)
+    if do_write is not None and transport.connected and not transport.disconnecting:
+        do_write()
 
 
 def respond_error(request: Request, error: MatrixError) -> None:
@@ -72,11 +84,34 @@ def parse_json_object(request: Request) -> dict[str, Any]:
 
 
 class _Route:
-    __slots__ = ("pattern", "handlers")
+    __slots__ = ("pattern", "handlers", "key")
 
-    def __init__(self, pattern: re.Pattern[str]) -> None:
+    def __init__(self, pattern: re.Pattern[str], key: tuple[str, str, str] | None) -> None:
         self.pattern = pattern
         self.handlers: dict[bytes, Handler] = {}
+        self.key = key
+
+
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _route_key(path_regex: str) -> tuple[str, str, str] | None:
+    """Path segments 1, 2 and 4 of every path the route matches (``_matrix``,
+    ``client``, ``rooms``), when the regex fixes them; None otherwise. Segment 3
+    is the version, often an alternative such as ``(?:r0|v3)``."""
+    segments = path_regex.removesuffix("$").split("/")
+    if len(segments) < 5 or segments[0] != "":
+        return None
+    if not all(_PLAIN_SEGMENT.fullmatch(segments[i]) for i in (1, 2, 4)):
+        return None
+    return segments[1], segments[2], segments[4]
+
+
+def _path_key(path: str) -> tuple[str, str, str] | None:
+    segments = path.split("/", 5)
+    if len(segments) < 5:
+        return None
+    return segments[1], segments[2], segments[4]
 
 
 class RequestTracker:
@@ -113,6 +148,10 @@ class JsonResource(Resource):
         super().__init__()
         self._routes: list[_Route] = []
         self._by_text: dict[str, _Route] = {}
+        # Routes to try for a path's _path_key, in registration order: those
+        # with that key and those without one. Built on first use.
+        self._index: dict[tuple[str, str, str], list[_Route]] | None = None
+        self._unkeyed: list[_Route] = []
         self.tracker = tracker or RequestTracker()
 
     def register(self, methods: str | list[str], path: str, handler: Handler) -> None:
@@ -123,16 +162,33 @@ class JsonResource(Resource):
         """
         route = self._by_text.get(path)
         if route is None:
-            route = _Route(re.compile(path + "$"))
+            route = _Route(re.compile(path + "$"), _route_key(path))
             self._by_text[path] = route
             self._routes.append(route)
+            self._index = None
         for method in [methods] if isinstance(methods, str) else methods:
             route.handlers[method.encode()] = handler
             if method == "GET":
                 route.handlers.setdefault(b"HEAD", handler)
 
-    def _match(self, path: str) -> tuple[_Route, dict[str, str]] | None:
+    def _build_index(self) -> dict[tuple[str, str, str], list[_Route]]:
+        index: dict[tuple[str, str, str], list[_Route]] = {}
         for route in self._routes:
+            if route.key is not None:
+                index.setdefault(route.key, [])
+        for route in self._routes:
+            for key, routes in index.items():
+                if route.key is None or route.key == key:
+                    routes.append(route)
+        self._unkeyed = [route for route in self._routes if route.key is None]
+        self._index = index
+        return index
+
+    def _match(self, path: str) -> tuple[_Route, dict[str, str]] | None:
+        index = self._index if self._index is not None else self._build_index()
+        key = _path_key(path)
+        routes = index.get(key, self._unkeyed) if key is not None else self._unkeyed
+        for route in routes:
             m = route.pattern.match(path)
             if m:
                 return route, {k: unquote(v) for k, v in m.groupdict().items() if v is not None}

@@ -54,12 +54,41 @@ def _zero() -> dict[str, int]:
 
 
 @attrs.define(slots=True)
+class _Counts:
+    """A room's counts for one set of read positions, over ``notifications[:done]``."""
+
+    positions: tuple[Any, ...]
+    notifications: list[Notification]
+    done: int = 0
+    main: dict[str, int] = attrs.Factory(_zero)
+    total: dict[str, int] = attrs.Factory(_zero)
+    per_thread: dict[str, dict[str, int]] = attrs.Factory(dict)
+
+    def count(self, unthreaded: int, threads: dict[str, int], marks: dict[str, int]) -> None:
+        """Count the notifications added since the last call."""
+        for stream, thread, highlight in self.notifications[self.done:]:
+            if stream <= unthreaded or stream <= threads.get(thread, 0) or stream <= marks.get(
+                thread, 0
+            ):
+                continue
+            counts = self.main if thread == MAIN else self.per_thread.setdefault(thread, _zero())
+            for c in (counts, self.total):
+                c["notification_count"] += 1
+                if highlight:
+                    c["highlight_count"] += 1
+        self.done = len(self.notifications)
+
+
+@attrs.define(slots=True)
 class _UserUnread:
     """A user's not-yet-read notifications, by room, oldest first; and read marks."""
 
     rooms: dict[str, list[Notification]] = attrs.Factory(dict)
     # room -> thread -> stream ordering of the user's own latest event there
     marks: dict[str, dict[str, int]] = attrs.Factory(dict)
+    # room -> counts last computed, extended as notifications are appended, so a
+    # /sync costs what arrived since the last one, not every unread notification
+    counts: dict[str, _Counts] = attrs.Factory(dict)
 
     def add(self, room_id: str, stream: int, thread: str, highlight: bool) -> None:
         notifications = self.rooms.setdefault(room_id, [])
@@ -71,6 +100,7 @@ class _UserUnread:
         if i < len(notifications) and notifications[i][0] == stream:
             return
         notifications.insert(i, entry)
+        self.counts.pop(room_id, None)  # not an append: count again
 
     def mark(self, room_id: str, thread: str, stream: int) -> None:
         marks = self.marks.setdefault(room_id, {})
@@ -463,6 +493,8 @@ class PushService:
         """Return once every notification computed so far is in the database."""
         while self._flushing or self._pending_rows or self._pending_marks:
             self._start_flush()
+            if not self._flushing:
+                continue  # written at once (a quick write on the reactor thread)
             d: defer.Deferred[None] = defer.Deferred()
             self._flush_waiters.append(d)
             await d
@@ -536,31 +568,25 @@ class PushService:
             return {"unread_notifications": _zero(), "unread_thread_notifications": {}}
         unthreaded, threads, marks = await self._read_positions(user_id, room_id, state)
         notifications = state.rooms.get(room_id) or []
-        unread: list[Notification] = []
-        main = _zero()
-        total = _zero()
-        per_thread: dict[str, dict[str, int]] = {}
-        for entry in notifications:
-            stream, thread, highlight = entry
-            if (
-                stream <= unthreaded
-                or stream <= threads.get(thread, 0)
-                or stream <= marks.get(thread, 0)
-            ):
-                continue
-            unread.append(entry)
-            counts = main if thread == MAIN else per_thread.setdefault(thread, _zero())
-            for c in (counts, total):
-                c["notification_count"] += 1
-                if highlight:
-                    c["highlight_count"] += 1
-        if unread:
+        positions = (unthreaded, tuple(threads.items()), tuple(marks.items()))
+        counts = state.counts.get(room_id)
+        if counts is None or counts.positions != positions or counts.notifications is not notifications:
+            # Read positions moved (or first use): keep only what is still unread.
+            unread = [
+                entry for entry in notifications
+                if not (entry[0] <= unthreaded or entry[0] <= threads.get(entry[1], 0)
+                        or entry[0] <= marks.get(entry[1], 0))
+            ]
+            if not unread:
+                state.rooms.pop(room_id, None)
+                state.counts.pop(room_id, None)
+                return {"unread_notifications": _zero(), "unread_thread_notifications": {}}
             state.rooms[room_id] = unread
-        else:
-            state.rooms.pop(room_id, None)
+            counts = state.counts[room_id] = _Counts(positions, unread)
+        counts.count(unthreaded, threads, marks)
         return {
-            "unread_notifications": main if thread_counts else total,
-            "unread_thread_notifications": per_thread,
+            "unread_notifications": dict(counts.main if thread_counts else counts.total),
+            "unread_thread_notifications": {t: dict(c) for t, c in counts.per_thread.items()},
         }
 
     # --- GET /notifications -------------------------------------------------------------------

@@ -99,7 +99,9 @@ class HomeServer:
         self.user_rooms = UserRooms(self.events_store)
         self.state_groups = StateGroupCache(self.events_store)
         self.room_dags = RoomDags(self.events_store)
-        self.persister = EventPersister(self.events_store)
+        self.persister = EventPersister(
+            self.events_store, lambda f: reactor.callLater(0, f)
+        )
         self.persister.on_stored.append(self._on_persisted)
         self.persister.on_failed.append(self._on_persist_failed)
         # Federation sender: our events and EDUs to other servers, in transactions. It

@@ -1,14 +1,18 @@
 """The database layer on SQLite and PostgreSQL: transactions, schema, shutdown."""
 
+import sqlite3
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from storage import Database, DatabaseConfig, SchemaError
+from storage.database import CHECKPOINT_EVERY
 from storage.schema_runner import code_schema_version
 from tests.support.postgres import throwaway_database
 
@@ -129,10 +133,90 @@ class DatabaseTestsMixin:
         return self.run_async(go())
 
 
+def _insert_key(txn, name="q.example"):
+    txn.execute(
+        "INSERT INTO remote_server_keys (server_name, key_id, verify_key, valid_until_ts,"
+        " fetched_from, key_json) VALUES (?, ?, ?, ?, ?, ?)",
+        (name, "ed25519:1", "k", 1, "x", "{}"),
+    )
+    return threading.current_thread()
+
+
 class SqliteDatabaseTests(DatabaseTestsMixin, unittest.TestCase):
     def make_config(self) -> DatabaseConfig:
         directory = self._stack.enter_context(tempfile.TemporaryDirectory())
-        return DatabaseConfig("sqlite3", {"database": str(Path(directory) / "hs.db")})
+        self.path = Path(directory) / "hs.db"
+        return DatabaseConfig("sqlite3", {"database": str(self.path)})
+
+    def test_a_quick_write_commits_on_the_reactor_thread_when_the_writer_is_idle(self):
+        async def go():
+            d = defer.ensureDeferred(self.db.run_interaction("q", _insert_key, quick=True))
+            self.assertTrue(d.called, "an idle writer: the write is done before returning")
+            self.assertIs(await d, threading.current_thread())
+            rows = await self.db.select("n", "SELECT server_name FROM remote_server_keys")
+            self.assertEqual(rows, [("q.example",)])
+            # Not quick: the writer thread.
+            thread = await self.db.run_interaction("t", _insert_key, "t.example")
+            self.assertIsNot(thread, threading.current_thread())
+        return self.run_async(go())
+
+    def test_a_quick_write_waits_on_the_writer_thread_while_another_process_writes(self):
+        """SQLite's write lock held elsewhere: the reactor never blocks on it; the
+        write goes to the writer thread and lands once the lock is released."""
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+
+        async def go():
+            d = defer.ensureDeferred(self.db.run_interaction("q", _insert_key, quick=True))
+            self.assertFalse(d.called)
+            ticks = []
+            for _ in range(3):  # the reactor keeps turning meanwhile
+                await deferLater(reactor, 0.05, lambda: ticks.append(1))
+            self.assertEqual(len(ticks), 3)
+            self.assertFalse(d.called)
+            other.execute("COMMIT")
+            self.assertIsNot(await d, threading.current_thread())
+            rows = await self.db.select("n", "SELECT count(*) FROM remote_server_keys")
+            self.assertEqual(rows, [(1,)])
+        return self.run_async(go())
+
+    def test_quick_writes_commit_in_order_with_other_writes(self):
+        """Quick and ordinary writes interleaved: every one lands, in the order issued."""
+        def append(txn, i):
+            txn.execute(
+                "INSERT INTO remote_server_keys (server_name, key_id, verify_key, valid_until_ts,"
+                " fetched_from, key_json) VALUES (?, ?, ?, ?, ?, ?)",
+                (f"s{i}.example", "ed25519:1", "k", i, "x", "{}"),
+            )
+            row = txn.execute("SELECT count(*) FROM remote_server_keys").fetchone()
+            return row[0]
+
+        async def go():
+            counts = await defer.gatherResults([
+                defer.ensureDeferred(self.db.run_interaction("w", append, i, quick=i % 3 != 0))
+                for i in range(30)
+            ])
+            self.assertEqual(counts, list(range(1, 31)))  # each saw exactly those before it
+        return self.run_async(go())
+
+    def test_the_wal_is_checkpointed_off_the_writers(self):
+        async def go():
+            for i in range(CHECKPOINT_EVERY):
+                await self.db.run_interaction("q", _insert_key, f"s{i}", quick=True)
+            while self.db._checkpointing:  # started by the last write, on a reader thread
+                await deferLater(reactor, 0.01, lambda: None)
+            # Everything written is now in the database file: a fresh connection
+            # that ignores the WAL finds every row.
+            with open(self.path, "rb") as f:
+                copy = f.read()
+            snapshot = self.path.with_name("copy.db")
+            snapshot.write_bytes(copy)
+            conn = sqlite3.connect(snapshot)
+            self.addCleanup(conn.close)
+            (count,) = conn.execute("SELECT count(*) FROM remote_server_keys").fetchone()
+            self.assertEqual(count, CHECKPOINT_EVERY)
+        return self.run_async(go())
 
 
 class PostgresDatabaseTests(DatabaseTestsMixin, unittest.TestCase):

@@ -2,8 +2,11 @@
 
 Events are queued as they are built and written in one transaction per
 batch; each sender's request completes only once its event has committed.
-While one batch is being written, the next accumulates, so concurrent senders
-share transactions instead of queueing for the writer one by one.
+A batch is what was queued in one turn of the reactor (the write starts on
+the next turn), and while one batch is being written the next accumulates,
+so concurrent senders share transactions instead of queueing for the writer
+one by one. A small batch is a ``quick`` write: on SQLite it commits on the
+reactor thread when the writer thread is idle (see storage/database.py).
 """
 
 import logging
@@ -19,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 200
 MAX_FAILED = 10_000
+# A batch is written inline (``quick``) up to this many events and state rows.
+QUICK_EVENTS = 50
+QUICK_STATE_ROWS = 1_000
 
 
 class PersistError(Exception):
@@ -26,16 +32,24 @@ class PersistError(Exception):
 
 
 class EventPersister:
-    def __init__(self, store: EventsStore) -> None:
+    def __init__(
+        self, store: EventsStore, call_soon: Callable[[Callable[[], Any]], Any] | None = None
+    ) -> None:
         self._store = store
+        # Runs the drain on the next reactor turn (so one turn's events share a
+        # batch); without it, at once.
+        self._call_soon = call_soon or (lambda f: f())
         self._queue: list[tuple[EventToPersist, defer.Deferred[None]]] = []
         # Event ids whose persisting failed (most recent last): anything built on
         # them is refused too, however late it is queued.
         self._failed: OrderedDict[str, None] = OrderedDict()
         self._running = False
         # Called with each committed batch, in stream order, on the reactor:
-        # ``on_stored`` with every event, then ``on_persisted`` with those in the
-        # rooms' timelines (not outliers or rejected events from other servers).
+        # ``on_stored`` with every event (caches, unread counts, waking syncs),
+        # then the senders' requests complete, then ``on_persisted`` with those
+        # in the rooms' timelines (not outliers or rejected events from other
+        # servers): federation, presence, relations, the user directory, which
+        # a sender need not wait for.
         self.on_stored: list[Callable[[list[EventToPersist]], Any]] = []
         self.on_persisted: list[Callable[[list[EventToPersist]], Any]] = []
         # Called with the room ids of a failed batch so their caches reload.
@@ -52,7 +66,7 @@ class EventPersister:
         self._queue.append((item, d))
         if not self._running:
             self._running = True
-            defer.ensureDeferred(self._drain())
+            self._call_soon(lambda: defer.ensureDeferred(self._drain()))
         return d
 
     async def _drain(self) -> None:
@@ -61,22 +75,25 @@ class EventPersister:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 items = [item for item, _ in batch]
                 try:
-                    await self._store.persist_events(items)
+                    await self._store.persist_events(items, quick=_is_quick(items))
                 except Exception as e:
                     self._fail(batch, e)
                     continue
-                timeline = [item for item in items if item.in_timeline]
-                for callbacks, batch_items in ((self.on_stored, items),
-                                               (self.on_persisted, timeline)):
-                    for callback in callbacks if batch_items else ():
-                        try:
-                            callback(batch_items)
-                        except Exception:
-                            logger.exception("after-persist hook failed")
+                self._run_hooks(self.on_stored, items)
                 for _, d in batch:
                     d.callback(None)
+                self._run_hooks(self.on_persisted, [item for item in items if item.in_timeline])
         finally:
             self._running = False
+
+    @staticmethod
+    def _run_hooks(hooks: list[Callable[[list[EventToPersist]], Any]],
+                   items: list[EventToPersist]) -> None:
+        for hook in hooks if items else ():
+            try:
+                hook(items)
+            except Exception:
+                logger.exception("after-persist hook failed")
 
     def _fail(self, batch: list[tuple[EventToPersist, defer.Deferred[None]]], error: Exception) -> None:
         """A failed batch fails its events and every queued event built on them."""
@@ -92,3 +109,11 @@ class EventPersister:
             callback(rooms)
         for _, d in batch + dependent:
             d.errback(error)
+
+
+def _is_quick(items: list[EventToPersist]) -> bool:
+    """Whether a batch is small enough to write on the reactor thread."""
+    if len(items) > QUICK_EVENTS:
+        return False
+    state_rows = sum(len(item.state_after) for item in items if item.state_after)
+    return state_rows <= QUICK_STATE_ROWS
