@@ -118,6 +118,8 @@ class EventsStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             event_rows,
         )
+        # room -> (extremities this batch removes, extremities it adds)
+        extremities: dict[str, tuple[set[str], set[str]]] = {}
         for e in events:
             pdu = e.pdu
             if e.out_of_room_membership:
@@ -153,16 +155,37 @@ class EventsStore:
                     (_json_encoder.encode(target.redacted().data), pdu.event_id, target.event_id),
                 )
             # The new event replaces its prev_events as the room's extremity.
-            prevs = pdu.prev_event_ids
-            if prevs:
-                txn.executemany(
-                    "DELETE FROM forward_extremities WHERE room_id = ? AND event_id = ?",
-                    [(pdu.room_id, p) for p in prevs],
-                )
+            removed, added = extremities.setdefault(pdu.room_id, (set(), set()))
+            for prev in pdu.prev_event_ids:
+                if prev in added:
+                    added.discard(prev)  # written and superseded in this batch
+                else:
+                    removed.add(prev)
+            added.add(pdu.event_id)
+        for room_id, (removed, added) in extremities.items():
+            self._move_extremities_txn(txn, room_id, removed, added)
+
+    @staticmethod
+    def _move_extremities_txn(txn: Txn, room_id: str, removed: set[str], added: set[str]) -> None:
+        """A batch's net change to a room's forward extremities: usually one
+        event replacing one, a single UPDATE."""
+        if len(removed) == 1 and len(added) == 1:
+            (old,), (new,) = removed, added
             txn.execute(
-                "INSERT INTO forward_extremities (room_id, event_id) VALUES (?, ?)",
-                (pdu.room_id, pdu.event_id),
+                "UPDATE forward_extremities SET event_id = ? WHERE room_id = ? AND event_id = ?",
+                (new, room_id, old),
             )
+            if txn.rowcount == 1:
+                return
+            removed = set()
+        txn.executemany(
+            "DELETE FROM forward_extremities WHERE room_id = ? AND event_id = ?",
+            [(room_id, event_id) for event_id in removed],
+        )
+        txn.executemany(
+            "INSERT INTO forward_extremities (room_id, event_id) VALUES (?, ?)",
+            [(room_id, event_id) for event_id in added],
+        )
 
     async def get_min_stream_ordering(self) -> int:
         rows = await self.db.select("min_stream", "SELECT MIN(stream_ordering) FROM events")
