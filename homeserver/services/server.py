@@ -102,7 +102,8 @@ class HomeServer:
         self.persister = EventPersister(
             self.events_store, lambda f: reactor.callLater(0, f)
         )
-        self.persister.on_stored.append(self._on_persisted)
+        self.persister.on_stored.append(self._on_stored)
+        self.persister.on_announced.append(self._announce)
         self.persister.on_failed.append(self._on_persist_failed)
         # Federation sender: our events and EDUs to other servers, in transactions. It
         # catches destinations up (from their durable positions) once the reactor runs.
@@ -150,8 +151,8 @@ class HomeServer:
         # The media repository (uploads, downloads, thumbnails, previews)
         self.media = MediaService(self)
 
-    def _on_persisted(self, all_items: list[Any]) -> None:
-        """After a batch commits: caches first, then wake whoever waits.
+    def _on_stored(self, all_items: list[Any]) -> None:
+        """After a batch commits, before its senders hear: the caches.
 
         Outliers and rejected events (from other servers) are not part of any
         room's timeline: only invites and the like in rooms we are not in
@@ -169,11 +170,17 @@ class HomeServer:
             if target is not None:
                 self.event_cache.put(target.with_redacted_because(item.pdu.event_id))
         self.user_rooms.on_persisted(memberships)
-        # Unread counts before waking syncs: a count MUST come with its event.
+        self.notifier.position = max(self.notifier.position, all_items[-1].stream_ordering)
+
+    def _announce(self, all_items: list[Any]) -> None:
+        """After the senders' responses: unread counts, then wake whoever waits
+        (a count MUST come with its event)."""
+        items = [i for i in all_items if i.in_timeline]
         if items:
             self.push.on_persisted(items)
-        self.notifier.on_persisted(memberships)
-        self.notifier.position = max(self.notifier.position, all_items[-1].stream_ordering)
+        self.notifier.on_persisted(
+            [i for i in all_items if i.in_timeline or i.out_of_room_membership]
+        )
 
     def _on_persist_failed(self, room_ids: set[str]) -> None:
         for room_id in room_ids:

@@ -6,7 +6,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from homeserver.errors import MatrixError
@@ -520,6 +521,9 @@ class _InProcess(unittest.TestCase):
         pdu = await self.hs.room_sender.send(
             sender, room_id, "m.room.message", {"msgtype": "m.text", "body": body, **extra}
         )
+        # Counts are announced right after the sender's response, in the same
+        # reactor turn; a client's next request comes in a later one.
+        await deferLater(reactor, 0, lambda: None)
         return pdu.event_id
 
 
