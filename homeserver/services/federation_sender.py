@@ -161,16 +161,13 @@ class FederationSender:
     def is_mine(self, user_id: str) -> bool:
         return domain_of(user_id) == self.server_name
 
-    def _remote_servers(self, members: Mapping[str, str]) -> set[str]:
-        servers = {domain_of(u) for u, m in members.items() if m == "join"}
-        servers.discard(self.server_name)
-        servers.discard("")
-        return servers
+    def _remote_servers(self, room: Any) -> set[str]:
+        return set(room.joined_servers - {self.server_name, ""})
 
     def remote_servers_in_room(self, room_id: str) -> set[str]:
         """Servers other than ours with a member joined to the room (from memory)."""
         room = self.hs.room_states.get_cached(room_id)
-        return self._remote_servers(room.members) if room is not None else set()
+        return self._remote_servers(room) if room is not None else set()
 
     # --- PDUs -----------------------------------------------------------------------------------
     def _on_persisted(self, items: list[EventToPersist]) -> None:
@@ -191,7 +188,7 @@ class FederationSender:
                 room = self.hs.room_states.get_cached(pdu.room_id)
                 if room is None:
                     room = await self.hs.room_states.get(pdu.room_id)
-                servers = self._remote_servers(room.members) if room is not None else set()
+                servers = self._remote_servers(room) if room is not None else set()
                 if pdu.type == MEMBER and pdu.membership in _TARGET_MEMBERSHIPS:
                     target = domain_of(pdu.state_key or "")
                     if target and target != self.server_name:
@@ -337,7 +334,7 @@ class FederationSender:
                     if membership == "join":
                         room = await self.hs.room_states.get(room_id)
                         if room is not None:
-                            servers |= self._remote_servers(room.members)
+                            servers |= self._remote_servers(room)
                 if self._presence_pending[user_id] is not entry:
                     continue  # changed again meanwhile: send the newest
                 for server in servers:

@@ -27,6 +27,7 @@ from homeserver.errors import MatrixError
 from homeserver.services.push_rules import (
     KINDS,
     MAIN,
+    CompiledRule,
     CompiledRuleSet,
     EvalContext,
     check_actions,
@@ -388,8 +389,22 @@ class PushService:
         )
         now = hs.clock.time_msec()
         notified = set()
+        # Everyone who changed no rule shares one rule set: evaluated together.
+        shared = compile_default_ruleset(sender)
+        rules: dict[str, CompiledRule] = {}
+        sharing = []
         for user_id in targets:
-            rule = self.compiled(user_id).evaluate(ctx, user_id)
+            ruleset = self.compiled(user_id)
+            if ruleset is shared:
+                sharing.append(user_id)
+            else:
+                rule = ruleset.evaluate(ctx, user_id)
+                if rule is not None:
+                    rules[user_id] = rule
+        if sharing:
+            rules.update(shared.evaluate_many(ctx, sharing))
+        for user_id in targets:
+            rule = rules.get(user_id)
             if rule is None or not rule.notify:
                 continue
             notified.add(user_id)

@@ -557,6 +557,30 @@ class CompiledRuleSet:
                 return rule
         return None
 
+    def evaluate_many(self, ctx: EvalContext, user_ids: list[str]) -> dict[str, CompiledRule]:
+        """``evaluate`` for many users of this rule set at once: user -> the first
+        rule that matches (users matching none are left out)."""
+        found: dict[str, CompiledRule] = {}
+        remaining = user_ids
+        for rule in self.candidates(ctx):
+            dependent = [cond for cond in rule.conditions if cond.user_dependent]
+            if not dependent:  # matches everyone still unmatched
+                for user_id in remaining:
+                    found[user_id] = rule
+                return found
+            unmatched = []
+            for user_id in remaining:
+                for cond in dependent:
+                    if not cond.matches(ctx, user_id):
+                        unmatched.append(user_id)
+                        break
+                else:
+                    found[user_id] = rule
+            remaining = unmatched
+            if not remaining:
+                break
+        return found
+
 
 def ordered_ruleset(
     user_id: str,

@@ -663,3 +663,29 @@ class PushFlushTests(_InProcess):
                 push.stop()
 
         return defer.ensureDeferred(go())
+
+
+def test_evaluating_many_users_at_once_matches_one_at_a_time():
+    """The shared rule set evaluated for many users gives each the rule it would alone."""
+    from homeserver.services.push_rules import compile_default_ruleset
+
+    users = [ALICE, BOB, "@carol:example.org", "@dave:example.org"]
+    events = [
+        event(content={"body": "x"}),
+        event(content={"body": "x", "m.mentions": {"user_ids": [BOB, "@dave:example.org"]}}),
+        event(content={"body": "hi @room", "m.mentions": {"room": True}}),
+        event("m.room.member", {"membership": "invite"}, state_key=BOB),
+        event(content={"msgtype": "m.notice", "body": "n"}),
+        event("m.room.encrypted", {}),
+        event("m.reaction", {}),
+    ]
+    shared = compile_default_ruleset(ALICE)
+    for ev in events:
+        for members in (2, 5):
+            alone = {}
+            for user in users:
+                rule = shared.evaluate(ctx(ev, members=members, sender_power=100), user)
+                if rule is not None:
+                    alone[user] = rule.rule_id
+            together = shared.evaluate_many(ctx(ev, members=members, sender_power=100), users)
+            assert {u: r.rule_id for u, r in together.items()} == alone, (ev, members)

@@ -33,6 +33,7 @@ class RoomState:
     __slots__ = (
         "room_id", "room_version", "state", "members", "extremities", "depth",
         "state_group", "chain_length", "_power_levels", "kind", "recent", "last_stream",
+        "_joined_servers",
     )
 
     def __init__(self, room_id: str, room_version: RoomVersion) -> None:
@@ -45,6 +46,7 @@ class RoomState:
         self.state_group: int | None = None
         self.chain_length = 0
         self._power_levels: PowerLevels | None = None
+        self._joined_servers: frozenset[str] | None = None
         self.kind: str | None = None  # "dm" for direct messages (docs/rooms.md)
         # The latest persisted events, oldest first: (stream, event_id, state_group).
         self.recent: list[tuple[int, str, int]] = []
@@ -61,6 +63,7 @@ class RoomState:
         self.state[(pdu.type, pdu.state_key)] = pdu
         if pdu.type == MEMBER:
             self.members[pdu.state_key] = pdu.content.get("membership", "leave")
+            self._joined_servers = None
         elif pdu.type == POWER_LEVELS or pdu.type == CREATE:
             self._power_levels = None
 
@@ -80,6 +83,15 @@ class RoomState:
 
     def users_with_membership(self, membership: str) -> Iterator[str]:
         return (u for u, m in self.members.items() if m == membership)
+
+    @property
+    def joined_servers(self) -> frozenset[str]:
+        """The server names of the joined members (kept until a membership changes)."""
+        if self._joined_servers is None:
+            self._joined_servers = frozenset(
+                u.partition(":")[2] for u, m in self.members.items() if m == "join"
+            )
+        return self._joined_servers
 
     @property
     def power_levels(self) -> PowerLevels:
