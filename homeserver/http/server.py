@@ -45,18 +45,18 @@ def respond_json(request: Request, status: int, body: Any) -> None:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(data)).encode())
     request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+    transport = getattr(request.channel, "transport", None)  # the channel goes at finish
     if request.method != b"HEAD":
         request.write(data)
     request.finish()
-    _flush(request)
+    _flush(transport)
 
 
-def _flush(request: Request) -> None:
+def _flush(transport: Any) -> None:
     """Send the response now rather than on the reactor's next turn, so the
     client has it while the server goes on with the turn's remaining work
     (after-persist hooks, other requests). Plain TCP transports only; if the
     send fails, the reactor finds out as usual on its next turn."""
-    transport = getattr(request.channel, "transport", None)
     do_write = getattr(transport, "doWrite", None)
     if do_write is not None and transport.connected and not transport.disconnecting:
         do_write()

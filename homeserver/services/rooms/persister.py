@@ -45,13 +45,13 @@ class EventPersister:
         self._failed: OrderedDict[str, None] = OrderedDict()
         self._running = False
         # Called with each committed batch, in stream order, on the reactor:
-        # ``on_stored`` with every event (the in-memory caches); then the
-        # senders' requests complete (their responses leave at once); then
-        # ``on_announced`` with every event (unread counts, then waking syncs)
-        # and ``on_persisted`` with those in the rooms' timelines (not outliers
-        # or rejected events from other servers): federation, presence,
-        # relations, the user directory. All in one reactor turn, so no other
-        # request runs in between.
+        # ``on_stored`` with every event (the in-memory caches), then
+        # ``on_persisted`` with those in the rooms' timelines (not outliers or
+        # rejected events from other servers: federation, presence, relations,
+        # the user directory); then the senders' requests complete (their
+        # responses leave at once); then ``on_announced`` with every event
+        # (unread counts, then waking syncs). All in one reactor turn, so no
+        # other request runs in between.
         self.on_stored: list[Callable[[list[EventToPersist]], Any]] = []
         self.on_announced: list[Callable[[list[EventToPersist]], Any]] = []
         self.on_persisted: list[Callable[[list[EventToPersist]], Any]] = []
@@ -83,10 +83,10 @@ class EventPersister:
                     self._fail(batch, e)
                     continue
                 self._run_hooks(self.on_stored, items)
+                self._run_hooks(self.on_persisted, [item for item in items if item.in_timeline])
                 for _, d in batch:
                     d.callback(None)
                 self._run_hooks(self.on_announced, items)
-                self._run_hooks(self.on_persisted, [item for item in items if item.in_timeline])
         finally:
             self._running = False
 
