@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"homeserver: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    from homeserver.app.reactor import install_reactor
+
+    # Before anything imports the reactor: without a TLS listener, TLS loads on first use.
+    install_reactor(any(listener.get("tls") for listener in config.get("listeners") or ()))
     from twisted.internet.error import CannotListenError
 
     from homeserver.app.server import run

@@ -15,7 +15,6 @@ import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import bcrypt
 from twisted.internet import threads
 
 from homeserver.errors import MatrixError
@@ -75,11 +74,19 @@ def _password_bytes(password: str) -> bytes:
     return unicodedata.normalize("NFKC", password).encode("utf-8")[:72]
 
 
+# bcrypt is imported on first use (these run on worker threads): a server that
+# nobody has logged in to or registered with since it started does not carry it.
+
+
 def hash_password_blocking(password: str, rounds: int) -> str:
+    import bcrypt
+
     return bcrypt.hashpw(_password_bytes(password), bcrypt.gensalt(rounds)).decode("ascii")
 
 
 def check_password_blocking(password: str, password_hash: str) -> bool:
+    import bcrypt
+
     try:
         return bcrypt.checkpw(_password_bytes(password), password_hash.encode("ascii"))
     except ValueError:  # not a bcrypt hash

@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import attrs
-from OpenSSL import SSL
-from twisted.internet import defer, protocol, ssl
+from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.web.http import PotentialDataLoss
@@ -66,10 +65,13 @@ from homeserver.services.discovery import (
 )
 
 if TYPE_CHECKING:
+    from OpenSSL import SSL
+    from twisted.internet import ssl
     from twisted.web.client import URI
 
-# The HTTP client (twisted.web.client, its endpoints, treq) is imported on first
-# use: a server that has not talked to another one yet does not carry it.
+# The HTTP client (twisted.web.client, its endpoints, treq) and the TLS stack
+# (twisted.internet.ssl, pyOpenSSL, cryptography) are imported on first use: a
+# server that has not talked to another one yet does not carry them.
 
 logger = logging.getLogger(__name__)
 
@@ -287,11 +289,11 @@ class _UnverifiedTls:
     """TLS that accepts any certificate (``federation_verify_certificates: false``)
     but still sends SNI for host names."""
 
-    def __init__(self, options: ssl.CertificateOptions, server_name: str) -> None:
+    def __init__(self, options: "ssl.CertificateOptions", server_name: str) -> None:
         self._options = options
         self._sni = None if is_ip_literal(server_name) else server_name.encode("idna")
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> "SSL.Connection":
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             connection.set_tlsext_host_name(self._sni)
@@ -306,15 +308,21 @@ class TlsPolicy:
         self.verify = verify
         self._trust_root = trust_root
         self._creators: OrderedDict[str, Any] = OrderedDict()
-        self._insecure = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        self._insecure: ssl.CertificateOptions | None = None  # built on first use
 
     def creator_for(self, name: str) -> Any:
         creator = self._creators.get(name)
         if creator is None:
+            from twisted.internet import ssl
+
             if self.verify:
                 trust = self._trust_root if self._trust_root is not None else ssl.platformTrust()
                 creator = ssl.optionsForClientTLS(name, trustRoot=trust)
             else:
+                if self._insecure is None:
+                    self._insecure = ssl.CertificateOptions(
+                        verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2
+                    )
                 creator = _UnverifiedTls(self._insecure, name)
             self._creators[name] = creator
             if len(self._creators) > 1000:

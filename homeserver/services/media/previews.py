@@ -26,7 +26,6 @@ from urllib.parse import urljoin, urlsplit
 
 import attrs
 from twisted.internet import defer, protocol, threads
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -138,12 +137,14 @@ class _PinnedEndpoints:
         self._address = address
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 - Twisted's interface
-        # The HTTP client is imported on first use: an idle server does not carry it.
+        # The HTTP client and TLS are imported on first use: an idle server does
+        # not carry them.
         from twisted.internet.endpoints import (
             TCP4ClientEndpoint,
             TCP6ClientEndpoint,
             wrapClientTLS,
         )
+        from twisted.internet.ssl import optionsForClientTLS
 
         cls = TCP6ClientEndpoint if ":" in self._address else TCP4ClientEndpoint
         endpoint = cls(self._reactor, self._address, uri.port, timeout=CONNECT_TIMEOUT_SECONDS)
