@@ -9,8 +9,10 @@ A SQLite write the caller marks ``quick`` (a batch of a few events) runs on
 the reactor thread itself when the writer thread has nothing in hand: it
 takes tens of microseconds, less than the two thread hand-offs it saves. It
 never waits for a lock there: if another process holds SQLite's write lock,
-it goes to the writer thread and waits there. Checkpoints of the WAL run on
-a reader thread (``checkpoint``), so no commit on the reactor copies pages.
+it goes to the writer thread and waits there. Nor does it checkpoint the WAL
+(copying pages back into the database file): every CHECKPOINT_EVERY quick
+writes, one goes to the writer thread instead, whose commits checkpoint as
+SQLite does by default (past 1,000 WAL pages), so the WAL stays small.
 """
 
 import logging
@@ -32,10 +34,9 @@ logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 MAX_RETRIES = 5
-# Writes between two checkpoints of the SQLite WAL; SQLite's own automatic
-# checkpoint stays as a backstop at WAL_AUTOCHECKPOINT pages.
-CHECKPOINT_EVERY = 500
-WAL_AUTOCHECKPOINT = 20_000
+# Quick writes on the reactor thread between two on the writer thread (which
+# checkpoints the WAL when it has grown past SQLite's default 1,000 pages).
+CHECKPOINT_EVERY = 200
 
 
 @attrs.frozen
@@ -88,8 +89,7 @@ class Database:
         self._closing = False
         self._in_flight = 0
         self._writer_busy = 0  # writes handed to the writer thread, not yet back
-        self._writes_since_checkpoint = 0
-        self._checkpointing = False
+        self._inline_writes = 0  # quick writes since the writer thread last wrote
         self._idle: defer.Deferred[None] | None = None
         if config.engine == "sqlite3":
             synchronous = str(config.args.get("synchronous", "normal")).upper()
@@ -165,7 +165,6 @@ class Database:
     def _new_sqlite_connection(self) -> "sqlite3.Connection":
         assert isinstance(self.engine, SqliteEngine)
         conn = self.engine.connect()
-        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
         with self._connections_lock:
             self._connections.append(conn)
         return conn
@@ -230,8 +229,7 @@ class Database:
             self._in_flight -= 1
             if write:
                 self._writer_busy -= 1
-                if self._pg_pool is None:
-                    self._wrote()
+                self._inline_writes = 0
             if self._in_flight == 0 and self._idle is not None:
                 idle, self._idle = self._idle, None
                 idle.callback(None)
@@ -247,6 +245,7 @@ class Database:
         if self._inline_conn is None:
             self._inline_conn = self._new_sqlite_connection()
             self._inline_conn.execute("PRAGMA busy_timeout=0")
+            self._inline_conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread's job
         try:
             return self._run_sqlite_on(self._inline_conn, True, func, *args)
         except sqlite3.OperationalError as e:
@@ -268,46 +267,16 @@ class Database:
         ``quick``: a short write (well under a millisecond) that may run on the
         reactor thread on SQLite, when the writer thread is idle.
         """
-        if quick and self._pg_pool is None and self._writer_busy == 0 and not self._closing:
+        if (quick and self._pg_pool is None and self._writer_busy == 0 and not self._closing
+                and self._inline_writes < CHECKPOINT_EVERY):
             done = self._run_inline(func, *args)
             if done is not None:
                 result, txn = done
-                self._wrote()
+                self._inline_writes += 1
                 for after, after_args in txn.after_commit:
                     after(*after_args)
                 return result
         return await self._run(True, desc, func, *args)
-
-    def _wrote(self) -> None:
-        """Count a committed SQLite write; every CHECKPOINT_EVERY of them, start
-        a checkpoint of the WAL on a reader thread (writer connections do not
-        checkpoint on commit, so no commit pays for copying pages back)."""
-        self._writes_since_checkpoint += 1
-        if self._writes_since_checkpoint >= CHECKPOINT_EVERY and not self._checkpointing:
-            self._writes_since_checkpoint = 0
-            self._checkpointing = True
-            defer.ensureDeferred(self.checkpoint())
-
-    async def checkpoint(self) -> None:
-        """Copy the SQLite WAL back into the database file: PASSIVE, so it
-        never waits for readers or the writer. A no-op on PostgreSQL."""
-        if self._pg_pool is not None or self._closing:
-            self._checkpointing = False
-            return
-        self._in_flight += 1
-        try:
-            await threads.deferToThreadPool(self._reactor, self._reader_pool, self._checkpoint)
-        except Exception:
-            logger.exception("WAL checkpoint failed")
-        finally:
-            self._checkpointing = False
-            self._in_flight -= 1
-            if self._in_flight == 0 and self._idle is not None:
-                idle, self._idle = self._idle, None
-                idle.callback(None)
-
-    def _checkpoint(self) -> None:
-        self._sqlite_connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def run_read(self, desc: str, func: Callable[..., R], *args: Any) -> R:
         """Run ``func(txn, *args)`` in a read-only transaction (concurrent on SQLite)."""
