@@ -2,10 +2,12 @@
 
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import ssl
+from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
 from client_api import register_client_resources
@@ -14,6 +16,9 @@ from client_api.media import register_client_media_resources, register_media_res
 from federation import register_federation_resources, register_key_resources
 from homeserver.config import ConfigError
 from homeserver.http.server import CORS_HEADERS, JsonResource, RequestTracker, encode_json
+
+if TYPE_CHECKING:
+    from twisted.internet import ssl
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +52,14 @@ def build_root_resource(hs: Any, names: set[str], tracker: RequestTracker) -> Js
     return router
 
 
-def tls_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOptions:
-    """Server TLS from PEM files; the certificate file may hold the whole chain."""
+def tls_context_factory(cert_path: str, key_path: str) -> "ssl.CertificateOptions":
+    """Server TLS from PEM files; the certificate file may hold the whole chain.
+
+    The TLS stack (pyOpenSSL, cryptography) is imported here, so a server
+    without a TLS listener does not carry it until it makes a TLS connection.
+    """
+    from twisted.internet import ssl
+
     if not cert_path or not key_path:
         raise ConfigError(
             "a listener has tls: true but tls_certificate_path or tls_private_key_path is not set"
@@ -72,6 +83,8 @@ def tls_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOptions
 
 # Upload paths, matched on the raw request target before the body is read.
 _UPLOAD_PATH = re.compile(rb"^/_matrix/media/(?:v3|r0|v1)/upload(?:/[^/?]+/[^/?]+)?/?(?:\?.*)?$")
+# How much of an upload body is read from the socket at a time.
+UPLOAD_READ_SIZE = 256 * 1024
 # After refusing an oversized upload, how long the rest of its body is read
 # (and dropped) so the client gets to read the 413 before the connection closes.
 REJECTED_UPLOAD_GRACE_SECONDS = 15.0
@@ -103,12 +116,19 @@ class MediaRequest(Request):
     before the resource sees the request. For the upload paths of a listener
     serving media, the body instead goes chunk by chunk into the media
     service's ``UploadSink`` (a file under media_store_path/tmp, hashed as it
-    arrives). A Content-Length over max_upload_size is answered 413
-    M_TOO_LARGE before any of the body is read; a body without one (chunked)
-    as soon as it passes the limit. Every other request is Twisted's as usual.
+    arrives), read UPLOAD_READ_SIZE at a time. A body announced bigger than the
+    sink's INLINE_MAX on a plain TCP connection skips Twisted altogether: once
+    Twisted has handed over the bytes it read with the headers, the connection
+    stops reading and a worker thread splices exactly the rest of the body from
+    the socket into the spool file (``_receive_directly``); then the connection
+    reads again and the request goes on as if Twisted had read the body. A
+    Content-Length over max_upload_size is answered 413 M_TOO_LARGE before any
+    of the body is read; a body without one (chunked) as soon as it passes the
+    limit. Every other request is Twisted's as usual.
     """
 
     _rejected = False
+    _read_size_raised = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Matrix bodies are JSON or media, never HTML forms: skip Twisted's form
@@ -139,7 +159,83 @@ class MediaRequest(Request):
             self.requestHeaders.removeHeader(b"Expect")
             self._refuse_too_large()
             return
-        self.content = media.new_upload_sink()
+        transport = self.channel.transport
+        direct = (
+            length is not None
+            and media.receives_directly(length)
+            and isinstance(transport, tcp.Connection)
+            and not getattr(transport, "TLS", True)
+            # Twisted resumes reading when its send buffer drains: none must be pending.
+            and not getattr(transport, "producerPaused", True)
+        )
+        sink = media.new_upload_sink(length, direct)
+        # Big bodies are written and hashed on worker threads: when they fall
+        # behind, the sink stops reading from the connection until they catch up.
+        sink.producer = IPushProducer(transport, None)
+        self.content = sink
+        if direct:
+            # The rest of the body comes straight from the socket (_receive_directly),
+            # once Twisted has handed over what it read with the headers.
+            self._direct_length = length
+            transport.pauseProducing()
+            self.channel.site.reactor.callLater(0, self._receive_directly)
+        elif isinstance(transport, tcp.Connection):
+            # Fewer, bigger reads for the body (Twisted's default is 64 KiB).
+            transport.bufferSize = UPLOAD_READ_SIZE
+            self._read_size_raised = True
+
+    def _restore_read_size(self) -> None:
+        if self._read_size_raised:
+            self._read_size_raised = False
+            transport = getattr(self.channel, "transport", None)
+            if transport is not None and "bufferSize" in vars(transport):
+                del transport.bufferSize  # back to Twisted's (it also sizes the send buffer)
+
+    def _receive_directly(self) -> None:
+        """Splice the rest of the body into the sink on a worker thread (see
+        ``UploadSink.receive``): it never passes through the reactor thread."""
+        channel, sink = self.channel, self.content
+        if channel is None or self._rejected or channel.transport is None:
+            return  # the connection is gone
+        transport = channel.transport
+        remaining = self._direct_length - getattr(sink, "length", self._direct_length)
+        d = None
+        if remaining > 0:
+            try:
+                d = channel.site.media.receive_upload_body(
+                    sink, transport.fileno(), remaining, channel.timeOut
+                )
+            except OSError as e:  # e.g. no descriptor left to duplicate the socket with
+                logger.warning("upload body goes the usual way: %s", e)
+        if d is None:  # all of it came with the headers, or no receiver is free
+            if remaining > 0:
+                sink.use_lanes()
+                transport.bufferSize = UPLOAD_READ_SIZE
+                self._read_size_raised = True
+            transport.resumeProducing()
+            return
+        saved_timeout = channel.setTimeout(None)  # receive() applies it instead
+        d.addCallbacks(
+            self._received_directly,
+            self._receive_failed,
+            callbackArgs=(saved_timeout,),
+            errbackArgs=(saved_timeout,),
+        )
+
+    def _received_directly(self, _: Any, saved_timeout: Any) -> None:
+        channel = self.channel
+        if channel is None or channel.transport is None:
+            return
+        channel.setTimeout(saved_timeout)
+        channel.transport.resumeProducing()
+        # What Twisted does once a body is complete (no bytes after it were read).
+        channel.allContentReceived()
+
+    def _receive_failed(self, failure: Failure, saved_timeout: Any) -> None:
+        logger.info("upload body from %s not received: %s",
+                    self.getClientAddress().host, failure.getErrorMessage())
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abortConnection()
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
         if self._rejected:
@@ -149,6 +245,7 @@ class MediaRequest(Request):
             self._refuse_too_large()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        self._restore_read_size()
         if self._rejected:
             # The 413 went out already and the rest of the body was dropped.
             if self.channel is not None:

@@ -94,3 +94,52 @@ def test_200_mb_round_trip_in_constant_memory(tmp_path):
             await close(alice)
 
         run(scenario(), timeout=240)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_100_mb_chunked_upload_in_constant_memory(tmp_path):
+    """Without a Content-Length the body goes through the worker lanes (writes and
+    hashing on threads, reads paused while they are behind): memory stays flat too."""
+    size = 100 * 1024 * 1024
+    block = os.urandom(CHUNK)
+    digest = hashlib.sha256()
+    for i in range(size // CHUNK):
+        digest.update(i.to_bytes(8, "big") + block[8:])
+    with ExitStack() as stack:
+        server = start_e2e_server(stack, tmp_path / "hs", "sqlite3", max_upload_size="300M")
+        assert server.process is not None
+        pid = server.process.pid
+
+        async def chunks():
+            for i in range(size // CHUNK):
+                yield i.to_bytes(8, "big") + block[8:]
+
+        async def scenario() -> None:
+            alice = await register(server)
+            headers = {
+                "Authorization": f"Bearer {alice.access_token}",
+                "Content-Type": "application/octet-stream",
+            }
+            before = peak_rss_kib(pid)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+                async with session.post(
+                    server.base_url + f"{MEDIA}/upload", data=chunks(), headers=headers
+                ) as response:
+                    body = await response.read()
+                    assert response.status == 200, body
+                server_name, media_id = mxc_parts(json.loads(body)["content_uri"])
+                got = hashlib.sha256()
+                async with session.get(
+                    server.base_url + f"{CLIENT_MEDIA}/download/{quote(server_name)}/{media_id}",
+                    headers=headers,
+                ) as response:
+                    assert response.status == 200
+                    async for chunk in response.content.iter_chunked(CHUNK):
+                        got.update(chunk)
+            assert got.hexdigest() == digest.hexdigest()
+            growth = peak_rss_kib(pid) - before
+            print(f"chunked upload: peak RSS growth {growth / 1024:.1f} MiB")
+            assert growth < MAX_GROWTH_KIB, f"peak RSS grew by {growth} KiB"
+            await close(alice)
+
+        run(scenario(), timeout=240)

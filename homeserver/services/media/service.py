@@ -12,6 +12,7 @@ like an upload (origin: the other server) and serves it from this cache
 afterwards; concurrent requests for the same media share one fetch.
 """
 
+import collections
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
 
 from homeserver.config.loader import parse_duration_ms, parse_size
 from homeserver.errors import MatrixError
@@ -35,12 +37,15 @@ from homeserver.services.media.remote import (
 )
 from homeserver.services.media.responses import bare_type
 from homeserver.services.media.storage import (
+    FREE_LATER_MIN,
     LocalMediaStorage,
     MediaNotStored,
     MediaReader,
     MediaStorage,
     S3MediaStorage,
     content_key,
+    remove_later,
+    remove_quietly,
     thumbnail_key,
 )
 from homeserver.services.media.thumbnails import (
@@ -53,7 +58,14 @@ from homeserver.services.media.thumbnails import (
     make_thumbnails,
     specs_from_config,
 )
-from homeserver.services.media.uploads import ClaimedUpload, UploadSink, UploadTooLarge, spool_bytes
+from homeserver.services.media.uploads import (
+    INLINE_MAX,
+    ClaimedUpload,
+    UploadSink,
+    UploadTooLarge,
+    can_receive_directly,
+    spool_bytes,
+)
 from homeserver.services.ratelimit import ratelimiter_from_config
 from storage.media import MediaRecord, MediaStore, ThumbnailRecord
 
@@ -74,6 +86,11 @@ MAINTENANCE_INTERVAL_SECONDS = 3600.0
 ACCESS_FLUSH_SECONDS = 60.0
 # Image decoding is memory-hungry: at most this many at once.
 IMAGE_WORKERS = 2
+# Upload bodies received straight from the socket (splice) at once, each on a
+# thread of their own pool for as long as the body takes; more wait for none.
+UPLOAD_RECEIVERS = 4
+# Media records (uploaded ones) kept in memory, so a download needs no database read.
+RECORD_CACHE_SIZE = 4096
 _MAX_TYPE_LENGTH = 255
 
 
@@ -243,6 +260,16 @@ class MediaService:
             )
         self._image_slots = defer.DeferredSemaphore(IMAGE_WORKERS)
         self._hash_locks: dict[str, tuple[defer.DeferredLock, int]] = {}
+        self._receivers: ThreadPool | None = None  # see receive_upload_body
+        self._receivers_busy = 0
+        self._receivers_stopping = False
+        # (origin, media_id) -> record, least recently used first; only uploaded
+        # media. Every change to a media row forgets it (and bumps the generation,
+        # so a read that raced with the change is not cached).
+        self._records: collections.OrderedDict[tuple[str, str], MediaRecord] = (
+            collections.OrderedDict()
+        )
+        self._records_generation = 0
         self._upload_waiters: dict[tuple[str, str], list[defer.Deferred[None]]] = {}
         self._thumbnailing = _Once()
         self._pending_access: dict[tuple[str, str], int] = {}
@@ -266,6 +293,8 @@ class MediaService:
     def stop(self) -> None:
         if self.maintenance is not None:
             self.maintenance.stop()
+        if isinstance(self.storage, LocalMediaStorage):
+            self.storage.close_files()
 
     def _remove_stale_spool_files(self) -> None:
         cutoff = time.time() - 3600
@@ -284,14 +313,62 @@ class MediaService:
         return {"m.upload.size": self.max_upload_size}
 
     # --- uploads --------------------------------------------------------------------
-    def new_upload_sink(self) -> UploadSink:
+    def new_upload_sink(self, expected_length: int | None = None, direct: bool = False) -> UploadSink:
         """Where an upload body is written as it arrives (see uploads.py)."""
-        return UploadSink(self.tmp_dir, self.max_upload_size)
+        return UploadSink(
+            self.tmp_dir, self.max_upload_size, self._reactor, expected_length, direct
+        )
 
     @staticmethod
-    def _claim(sink: Any) -> ClaimedUpload:
+    def receives_directly(length: int) -> bool:
+        """Whether a body of ``length`` bytes is better received with ``receive_upload_body``."""
+        return length > INLINE_MAX and can_receive_directly()
+
+    def receive_upload_body(
+        self, sink: UploadSink, sock: int, count: int, idle_timeout: float | None
+    ) -> "defer.Deferred[int] | None":
+        """Receive the next ``count`` bytes of an upload body straight from the socket
+        ``sock`` into ``sink`` (``UploadSink.receive``, splice(2)), on a thread of the
+        media receivers' pool. None when all of them are busy (the body then goes
+        the usual way). The caller must not read the socket until this fires.
+        """
+        if self._receivers_busy >= UPLOAD_RECEIVERS or self._receivers_stopping:
+            return None
+        if self._receivers is None:
+            self._receivers = ThreadPool(0, UPLOAD_RECEIVERS, name="media-receive")
+            self._receivers.start()
+            self._reactor.addSystemEventTrigger("before", "shutdown", self._stop_receivers)
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._receivers.stop)
+        dup = os.dup(sock)  # the reactor may close its own descriptor meanwhile
+        self._receivers_busy += 1
+        sink.receiving()
+
+        def done(result: Any) -> Any:
+            os.close(dup)
+            self._receivers_busy -= 1
+            sink.received(result if isinstance(result, int) else 0)
+            return result
+
+        d = threads.deferToThreadPool(
+            self._reactor,
+            self._receivers,
+            sink.receive,
+            dup,
+            count,
+            idle_timeout,
+            lambda: self._receivers_stopping,
+        )
+        d.addBoth(done)
+        return d
+
+    def _stop_receivers(self) -> None:
+        self._receivers_stopping = True  # receive() checks it every POLL_MS
+
+    @staticmethod
+    async def _claim(sink: Any) -> ClaimedUpload:
         if not isinstance(sink, UploadSink):
             raise MatrixError("M_UNKNOWN", "Upload body not received")
+        await sink.flushed()
         try:
             return sink.claim()
         except UploadTooLarge:
@@ -303,14 +380,14 @@ class MediaService:
         self, user_id: str, sink: Any, content_type: str | None, filename: str | None
     ) -> str:
         """POST /upload: store the body; returns its mxc:// URI."""
-        upload = self._claim(sink)
+        upload = await self._claim(sink)
         try:
             await self._check_quota(user_id, upload.length)
             record = self._new_local_record(
                 user_id, _clean_content_type(content_type), filename, upload)
             await self._store(upload, record)
         finally:
-            self._discard_file(upload.path)
+            self._discard_file(upload)
         self._uploaded(record)
         return f"mxc://{self.server_name}/{record.media_id}"
 
@@ -361,7 +438,7 @@ class MediaService:
         filename: str | None,
     ) -> None:
         """PUT /upload/{serverName}/{mediaId}: the content of an id made by /create."""
-        upload = self._claim(sink)
+        upload = await self._claim(sink)
         try:
             now = self._clock.time_msec()
             existing = None
@@ -384,7 +461,7 @@ class MediaService:
                 self._check_pending(before, user_id, now)
                 raise MatrixError("M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded")
         finally:
-            self._discard_file(upload.path)
+            self._discard_file(upload)
         self._uploaded(record)
 
     @staticmethod
@@ -411,22 +488,33 @@ class MediaService:
     async def _store(
         self, upload: ClaimedUpload, record: MediaRecord, replace_pending: bool = False
     ) -> MediaRecord | None:
-        """Put the bytes (once per hash) and record the media id, under the hash's lock."""
+        """Put the bytes (once per hash) and record the media id, under the hash's lock.
+
+        The file is in place (renamed into the store, or dropped when the same
+        bytes are there already) before the row that points at it commits.
+        """
         async with self._hash_lock(upload.sha256):
-            known = await self.store.content_known(upload.sha256)
             key = content_key(upload.sha256)
-            if not known or not await self.storage.exists(key):
-                await self.storage.put_file(key, upload.path)
+            await self.storage.put_content(key, upload.path, upload.length)
+            self._forget_record(record.origin, record.media_id)
+            generation = self._records_generation
             before = await self.store.store_media(record, replace_pending)
+            if before is None and not replace_pending and generation == self._records_generation:
+                # Inserted as is: the row is this record (the first download reads no row).
+                self._remember_record(record)
+            else:
+                self._forget_record(record.origin, record.media_id)
             if before is not None and not await self.store.content_known(upload.sha256):
                 await self.storage.delete(key)
             return before
 
-    def _discard_file(self, path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    def _discard_file(self, upload: ClaimedUpload) -> None:
+        """Remove a spool file the store did not take; a big one on a worker thread
+        (freeing its pages takes a while), without waiting."""
+        if upload.length < FREE_LATER_MIN:
+            remove_quietly(upload.path)
+        elif os.path.lexists(upload.path):
+            remove_later(self._reactor, upload.path)
 
     def _uploaded(self, record: MediaRecord) -> None:
         """After an upload commits: wake downloads waiting for it, pre-make thumbnails."""
@@ -459,7 +547,7 @@ class MediaService:
             fetch = allow_remote and not (legacy and self.authenticated_media)
             record = await self._remote_media(server_name, media_id, fetch, timeout_ms)
         else:
-            record = await self.store.get_media(server_name, media_id)
+            record = await self._load_record(server_name, media_id)
         if record is None or record.quarantined_by is not None:
             raise not_found()
         if legacy and record.authenticated:
@@ -472,12 +560,39 @@ class MediaService:
         self._note_access(record)
         return record
 
+    async def _load_record(self, origin: str, media_id: str) -> MediaRecord | None:
+        """The media row, from memory when it was read or written lately."""
+        key = (origin, media_id)
+        record = self._records.get(key)
+        if record is not None:
+            self._records.move_to_end(key)
+            return record
+        generation = self._records_generation
+        record = await self.store.get_media(origin, media_id)
+        if record is not None and record.uploaded and generation == self._records_generation:
+            self._remember_record(record)
+        return record
+
+    def _remember_record(self, record: MediaRecord) -> None:
+        self._records[(record.origin, record.media_id)] = record
+        if len(self._records) > RECORD_CACHE_SIZE:
+            self._records.popitem(last=False)
+
+    def _forget_record(self, origin: str, media_id: str) -> None:
+        """After (and before) any change to a media row."""
+        self._records_generation += 1
+        self._records.pop((origin, media_id), None)
+
+    def _forget_all_records(self) -> None:
+        self._records_generation += 1
+        self._records.clear()
+
     async def _remote_media(
         self, server_name: str, media_id: str, fetch: bool, timeout_ms: int | None
     ) -> MediaRecord | None:
         """Cached media of another server, fetched first if ``fetch`` and not cached."""
         self._check_remote_allowed(server_name)
-        record = await self.store.get_media(server_name, media_id)
+        record = await self._load_record(server_name, media_id)
         if record is None and fetch:
             record = await self.fetch_remote_media(server_name, media_id, timeout_ms=timeout_ms)
         return record
@@ -518,7 +633,7 @@ class MediaService:
             record = self._new_remote_record(server_name, media_id, fetched)
             await self._store(fetched.upload, record)
         finally:
-            self._discard_file(fetched.upload.path)
+            self._discard_file(fetched.upload)
         logger.info("cached mxc://%s/%s (%d bytes)", server_name, media_id, fetched.upload.length)
         self._uploaded(record)
         return record
@@ -779,7 +894,7 @@ class MediaService:
             record = self._new_local_record(None, info.content_type, name, upload)
             await self._store(upload, record)
         finally:
-            self._discard_file(upload.path)
+            self._discard_file(upload)
         self._uploaded(record)
         return f"mxc://{self.server_name}/{record.media_id}", info.width, info.height
 
@@ -792,19 +907,32 @@ class MediaService:
 
     async def quarantine(self, server_name: str, media_id: str, admin: str | None) -> int:
         """Quarantine (or release, ``admin`` None) one media item; quarantined media is 404."""
-        return await self.store.set_quarantined([(server_name, media_id)], admin)
+        try:
+            return await self.store.set_quarantined([(server_name, media_id)], admin)
+        finally:
+            self._forget_record(server_name, media_id)
 
     async def quarantine_room(self, room_id: str, admin: str) -> int:
         """Quarantine every media item an mxc:// URL in the room's events refers to."""
         media = await self.store.media_in_room(room_id)
-        return await self.store.set_quarantined(sorted(media), admin)
+        try:
+            return await self.store.set_quarantined(sorted(media), admin)
+        finally:
+            self._forget_all_records()
 
     async def quarantine_user(self, user_id: str, admin: str | None) -> int:
         media = await self.store.user_media_ids(user_id)
-        return await self.store.set_quarantined(media, admin)
+        try:
+            return await self.store.set_quarantined(media, admin)
+        finally:
+            self._forget_all_records()
 
     async def protect(self, server_name: str, media_id: str, safe: bool) -> None:
-        if not await self.store.set_safe_from_quarantine(server_name, media_id, safe):
+        try:
+            changed = await self.store.set_safe_from_quarantine(server_name, media_id, safe)
+        finally:
+            self._forget_record(server_name, media_id)
+        if not changed:
             raise not_found()
 
     async def delete(self, server_name: str, media_id: str) -> bool:
@@ -812,11 +940,16 @@ class MediaService:
         record = await self.store.get_media(server_name, media_id)
         if record is None:
             return False
+        self._forget_record(server_name, media_id)
         if record.sha256 is None:
             deleted = await self.store.delete_media([(server_name, media_id)])
+            self._forget_record(server_name, media_id)
             return bool(deleted.media)
         async with self._hash_lock(record.sha256):
-            deleted = await self.store.delete_media([(server_name, media_id)])
+            try:
+                deleted = await self.store.delete_media([(server_name, media_id)])
+            finally:
+                self._forget_record(server_name, media_id)
             for sha256 in deleted.orphaned:
                 await self.storage.delete(content_key(sha256))
             for t in deleted.orphaned_thumbnails:
@@ -852,6 +985,8 @@ class MediaService:
             if not ids:
                 break
             expired += len((await self.store.delete_media(ids)).media)
+            for origin, media_id in ids:
+                self._forget_record(origin, media_id)
         if local or remote or expired:
             logger.info(
                 "media retention: deleted %d local, %d remote, %d unused ids",
