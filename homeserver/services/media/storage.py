@@ -146,15 +146,22 @@ class MediaStorage(ABC):
 # preadv2(RWF_NOWAIT): read what the page cache holds without waiting for the disk
 # (Linux 4.14+). Switched off for good the first time the kernel refuses it.
 _nowait_reads = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
-# Where read_nowait and cached read (each thread its own; only the reactor's, in fact).
+# Scratch buffers, each thread its own (see thread_buffer).
 _scratch = threading.local()
 
 
-def _probe_buffer() -> bytearray:
-    buf: bytearray | None = getattr(_scratch, "buf", None)
+def thread_buffer(name: str, size: int) -> bytearray:
+    """The current thread's reusable buffer called ``name``, of ``size`` bytes."""
+    buf: bytearray | None = getattr(_scratch, name, None)
     if buf is None:
-        buf = _scratch.buf = bytearray(PROBE_MAX)
+        buf = bytearray(size)
+        setattr(_scratch, name, buf)
     return buf
+
+
+def _probe_buffer() -> bytearray:
+    """Where read_nowait and cached read (in fact only the reactor thread)."""
+    return thread_buffer("probe", PROBE_MAX)
 
 
 class LocalFileReader:

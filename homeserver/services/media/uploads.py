@@ -44,6 +44,8 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 
+from homeserver.services.media.storage import thread_buffer
+
 # Bytes waiting in a lane above which the connection stops reading, and below
 # which (in both lanes) it reads again.
 HIGH_WATER = 4 * 1024 * 1024
@@ -59,15 +61,9 @@ POLL_MS = 200
 # What the hashing thread reads back at a time.
 HASH_READ_SIZE = 256 * 1024
 
-_thread_buffers = threading.local()
-
-
 def _hash_buffer() -> bytearray:
     """A buffer of the current thread to read back what receive() spliced, to hash it."""
-    buf: bytearray | None = getattr(_thread_buffers, "buf", None)
-    if buf is None:
-        buf = _thread_buffers.buf = bytearray(HASH_READ_SIZE)
-    return buf
+    return thread_buffer("hash", HASH_READ_SIZE)
 
 
 def can_receive_directly() -> bool:
