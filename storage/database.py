@@ -62,7 +62,8 @@ class Txn:
         return self
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = [tuple(r) for r in rows]
+        if not isinstance(rows, list):
+            rows = list(rows)  # any sequence is a row: no copy of each
         if rows:
             self._cursor.executemany(self._engine.convert(sql), rows)
 

@@ -160,7 +160,7 @@ class PushStore:
         txn.executemany(
             "INSERT INTO event_push_actions (user_id, room_id, stream_ordering, event_id,"
             " thread_id, highlight, actions, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (user_id, room_id, stream_ordering) DO NOTHING",
+            " ON CONFLICT DO NOTHING",  # the same event twice (keys differ by engine)
             rows,
         )
         txn.executemany(

@@ -2,19 +2,23 @@
 
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
+from twisted.web.server import version as SERVER_VERSION
 
 from client_api import register_client_resources
 from client_api.admin_media import register_admin_media_resources
 from client_api.media import register_client_media_resources, register_media_resources
 from federation import register_federation_resources, register_key_resources
 from homeserver.config import ConfigError
+from homeserver.http.channel import HomeserverChannel
 from homeserver.http.server import CORS_HEADERS, JsonResource, RequestTracker, encode_json
 
 if TYPE_CHECKING:
@@ -90,6 +94,17 @@ UPLOAD_READ_SIZE = 256 * 1024
 REJECTED_UPLOAD_GRACE_SECONDS = 15.0
 
 
+_date_cache: list[Any] = [0, b""]
+
+
+def _http_date() -> bytes:
+    """The Date header's value, formatted again only when the second changes."""
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[0], _date_cache[1] = now, datetimeToString(now)
+    return _date_cache[1]
+
+
 class _DiscardBody:
     """A request body nobody will read."""
 
@@ -135,6 +150,25 @@ class MediaRequest(Request):
         # parsing, which costs tens of microseconds on every POST.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
+
+    def process(self) -> None:
+        """Twisted's ``Request.process`` for a site whose root resource is a
+        leaf (``JsonResource``): no traversal of the path, no split and
+        unquoting of its segments, and the Date header formatted once a second."""
+        site = self.site = self.channel.site
+        root = site.resource
+        if not getattr(root, "isLeaf", False) or self.path == b"*":
+            super().process()
+            return
+        self.setHeader(b"Server", SERVER_VERSION)
+        self.setHeader(b"Date", _http_date())
+        self.prepath = []
+        self.postpath = []
+        self.sitepath = []
+        try:
+            self.render(root)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _media_for_upload(self) -> Any:
         media = getattr(getattr(self.channel, "site", None), "media", None)
@@ -295,9 +329,11 @@ def start_listeners(hs: Any, reactor: Any, tracker: RequestTracker) -> list[Any]
         names = {n for r in listener.get("resources", []) for n in r.get("names", [])}
         site = _Site(build_root_resource(hs, names, tracker), reactor=reactor)
         site.displayTracebacks = False
+        tls = listener.get("tls", False)
+        if not tls:
+            site.protocol = HomeserverChannel  # TLS keeps Twisted's (it may negotiate HTTP/2)
         if "media" in names:
             site.media = hs.media  # upload bodies stream to disk (MediaRequest)
-        tls = listener.get("tls", False)
         context = None
         if tls:
             context = tls_context_factory(

@@ -15,10 +15,12 @@ from urllib.parse import unquote
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from homeserver.errors import MatrixError, unrecognized
+from homeserver.http.channel import send_now
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +44,47 @@ def respond_json(request: Request, status: int, body: Any) -> None:
         return
     data = encode_json(body)
     request.setResponseCode(status)
+    channel = request.channel
+    if isinstance(channel, HTTPChannel):
+        _write_http1_response(request, channel, data)
+        return
+    # HTTP/2: the stream frames the headers and body itself.
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(data)).encode())
     request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
-    transport = getattr(request.channel, "transport", None)  # the channel goes at finish
     if request.method != b"HEAD":
         request.write(data)
     request.finish()
-    _flush(transport)
 
 
-def _flush(transport: Any) -> None:
-    """Send the response now rather than on the reactor's next turn, so the
-    client has it while the server goes on with the turn's remaining work
-    (after-persist hooks, other requests). Plain TCP transports only; if the
-    send fails, the reactor finds out as usual on its next turn."""
-    do_write = getattr(transport, "doWrite", None)
-    if do_write is not None and transport.connected and not transport.disconnecting:
-        do_write()
+_JSON_HEADERS = (
+    b"Content-Type: application/json\r\n"
+    b"Cache-Control: no-cache, no-store, must-revalidate\r\n"
+    b"Content-Length: %d\r\n"
+)
+
+
+def _write_http1_response(request: Request, channel: HTTPChannel, data: bytes) -> None:
+    """Status line, headers and body in one write to the socket, then finish.
+
+    What ``Request.write`` + ``finish`` would send, without their per-header
+    writes: the headers already on the request (Server, Date, CORS, Connection)
+    followed by the JSON ones. The request is marked as having written, so
+    ``finish`` only does its bookkeeping (logging, next pipelined request).
+    """
+    transport = channel.transport
+    head = [b"%s %d %s\r\n" % (request.clientproto, request.code, request.code_message)]
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        for value in values:
+            head.append(b"%s: %s\r\n" % (name, value))
+    head.append(_JSON_HEADERS % len(data))
+    head.append(b"\r\n")
+    if request.method != b"HEAD":
+        head.append(data)
+    request.startedWriting = 1
+    request.sentLength = len(data)
+    send_now(transport, b"".join(head))
+    request.finish()  # its bookkeeping only: everything is written
 
 
 def respond_error(request: Request, error: MatrixError) -> None:

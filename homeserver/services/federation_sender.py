@@ -171,33 +171,47 @@ class FederationSender:
 
     # --- PDUs -----------------------------------------------------------------------------------
     def _on_persisted(self, items: list[EventToPersist]) -> None:
-        ours = [i for i in items if self.is_mine(i.pdu.sender)]
-        if not ours or self._detached:
+        if self._detached:
             return
-        self._incoming.extend(ours)
-        if not self._processing:
+        for item in items:
+            if not self.is_mine(item.pdu.sender):
+                continue
+            room = None
+            if not self._incoming and not self._processing:  # nothing before it waits
+                room = self.hs.room_states.get_cached(item.pdu.room_id)
+            if room is None:
+                self._incoming.append(item)
+            else:
+                self._queue_item(item, room)
+        if self._incoming and not self._processing:
             self._processing = True
             d = defer.ensureDeferred(self._process_incoming())
             d.addErrback(lambda f: logger.error("queueing PDUs failed: %s", f.getTraceback()))
 
     async def _process_incoming(self) -> None:
+        """Queue, in order, the PDUs whose room's state had to be loaded first."""
         try:
             while self._incoming:
                 item = self._incoming.pop(0)
-                pdu = item.pdu
-                room = self.hs.room_states.get_cached(pdu.room_id)
+                room = self.hs.room_states.get_cached(item.pdu.room_id)
                 if room is None:
-                    room = await self.hs.room_states.get(pdu.room_id)
-                servers = self._remote_servers(room) if room is not None else set()
-                if pdu.type == MEMBER and pdu.membership in _TARGET_MEMBERSHIPS:
-                    target = domain_of(pdu.state_key or "")
-                    if target and target != self.server_name:
-                        servers.add(target)
-                data = pdu.to_federation_json()
-                for server in sorted(servers):
-                    self._queue_pdu(server, item.stream_ordering, data)
+                    room = await self.hs.room_states.get(item.pdu.room_id)
+                self._queue_item(item, room)
         finally:
             self._processing = False
+
+    def _queue_item(self, item: EventToPersist, room: Any) -> None:
+        pdu = item.pdu
+        servers = self._remote_servers(room) if room is not None else set()
+        if pdu.type == MEMBER and pdu.membership in _TARGET_MEMBERSHIPS:
+            target = domain_of(pdu.state_key or "")
+            if target and target != self.server_name:
+                servers.add(target)
+        if not servers:
+            return
+        data = pdu.to_federation_json()
+        for server in sorted(servers):
+            self._queue_pdu(server, item.stream_ordering, data)
 
     def forward(self, stream: int, pdu: Any, origin: str) -> None:
         """Send another server's event on to the other servers in the room: a join,
