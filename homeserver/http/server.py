@@ -238,7 +238,11 @@ class JsonResource(Resource):
             return NOT_DONE_YET
         self.tracker.started()
         d = defer.ensureDeferred(handler(request, **params))
-        d.addCallbacks(self._on_result, self._on_failure, (request,), None, (request,))
+        # _on_failure also catches what _on_result raises (a body that is not
+        # JSON, say): paired in one addCallbacks, that failure went to _done,
+        # which dropped it, and the request was never answered.
+        d.addCallback(self._on_result, request)
+        d.addErrback(self._on_failure, request)
         d.addBoth(self._done)
         return NOT_DONE_YET
 
