@@ -42,6 +42,14 @@ def encode_json(body: Any) -> bytes:
 def respond_json(request: Request, status: int, body: Any) -> None:
     if request._disconnected or request.finished:
         return
+    if request.startedWriting:
+        # A handler that streams its body failed part-way: another status line
+        # cannot follow. Close the connection after what was written, so the
+        # client sees a body shorter than announced: incomplete, not whole.
+        transport = getattr(request.channel, "transport", None)
+        if transport is not None:
+            transport.loseConnection()
+        return
     data = encode_json(body)
     request.setResponseCode(status)
     channel = request.channel

@@ -30,6 +30,13 @@ def _router() -> JsonResource:
         }
 
     router.register(["PUT", "POST", "GET"], "/_matrix/client/v3/echo/(?P<name>[^/]+)", echo)
+
+    async def stream_then_fail(request: Any) -> None:
+        request.setHeader(b"Content-Length", b"100")
+        request.write(b"x" * 10)
+        raise RuntimeError("the stream broke")
+
+    router.register("GET", "/_matrix/client/v3/broken", stream_then_fail)
     return router
 
 
@@ -121,3 +128,33 @@ class LocalAddressTests(unittest.TestCase):
         data = await self._send([payload], 5)
         self.assertEqual(len(_split_responses(data)[0]), 5)
         self.assertEqual(len(calls), 1)
+
+
+class StreamFailureTests(unittest.TestCase):
+    """A handler that fails after its response started: the connection is cut
+    (the client sees a short body), no error document is spliced into it."""
+
+    def setUp(self) -> None:
+        site = _Site(_router(), reactor=reactor)
+        site.protocol = HomeserverChannel
+        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+
+    def tearDown(self) -> Any:
+        return self.listening.stopListening()
+
+    async def test_failure_after_the_headers_cuts_the_connection(self) -> None:
+        def fetch() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET /_matrix/client/v3/broken HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while more := sock.recv(65536):
+                    data += more
+                return data
+
+        data = await threads.deferToThread(fetch)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertIn(b"Content-Length: 100", head)
+        self.assertEqual(body, b"x" * 10)  # nothing after: no second status line, no JSON
+
