@@ -47,7 +47,7 @@ class Scale:
     members: int = 200  # members of the room joined one by one
     reactions: int = 200  # reactions to one message
     reactors: int = 10  # users sending them
-    media_reps: int = 3
+    media_reps: int = 10  # a 1 MiB transfer takes milliseconds: 3 were too few to time
     page_limit: int = 100  # /messages page size
     # Phase 12 (federation, bench/federation.py; only with --federation):
     fed_members: int = 500  # members of each server's room that the other server joins

@@ -369,12 +369,7 @@ class LocalMediaStorage(MediaStorage):
         # As MediaStorage's, and the stored file is kept open for the downloads
         # that usually follow an upload (see the class doc).
         duplicate, fd = await self._in_thread(self._place_content, _check_key(key), path, length)
-        if duplicate:
-            # Dropping the spooled copy (freeing megabytes of blocks) need not
-            # delay the upload's answer. A crash before it leaves a stale spool
-            # file, which start-up removes.
-            self._in_thread(_unlink_quietly, path)
-        else:
+        if not duplicate:
             self._changed(key)  # replaced: an old descriptor has the old bytes
         if fd is not None:
             if key in self._open_files:
@@ -384,15 +379,16 @@ class LocalMediaStorage(MediaStorage):
                 self._forget_unused()
 
     def _place_content(self, key: str, path: str, length: int) -> tuple[bool, int | None]:
-        """(whether the bytes were there already, the stored file opened for reading).
-        A duplicate's file at ``path`` is left for the caller to remove."""
+        """(whether the bytes were there already, the stored file opened for reading)."""
         final = self.path_of(key)
         try:
             stored = os.stat(final).st_size
         except FileNotFoundError:
             stored = -1
         duplicate = stored == length  # content-addressed: the same bytes are there already
-        if not duplicate:  # (a duplicate's file is the caller's to drop)
+        if duplicate:
+            os.unlink(path)
+        else:
             self._replace(key, path)  # missing, or cut short (e.g. by a power loss)
         try:
             fd = os.open(final, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -581,10 +577,3 @@ def thumbnail_key(
     ext = content_type.rsplit("/", 1)[-1]
     suffix = "-animated" if animated else ""
     return f"thumbnails/{sha256[:2]}/{sha256[2:4]}/{sha256}/{width}x{height}-{method}{suffix}.{ext}"
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as e:
-        logger.warning("could not remove the spool file %s: %s", path, e)
