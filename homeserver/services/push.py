@@ -393,40 +393,37 @@ class PushService:
         shared = compile_default_ruleset(sender)
         rules: dict[str, CompiledRule] = {}
         sharing = []
+        user_rules, default_changes = self._user_rules, self._default_changes
         for user_id in targets:
-            ruleset = self.compiled(user_id)
-            if ruleset is shared:
-                sharing.append(user_id)
-            else:
-                rule = ruleset.evaluate(ctx, user_id)
-                if rule is not None:
-                    rules[user_id] = rule
+            if user_id not in user_rules and user_id not in default_changes:
+                sharing.append(user_id)  # what compiled() would answer: ``shared``
+                continue
+            rule = self.compiled(user_id).evaluate(ctx, user_id)
+            if rule is not None:
+                rules[user_id] = rule
         if sharing:
             rules.update(shared.evaluate_many(ctx, sharing))
+        # Queue each notified member's row and extend their in-memory unread
+        # notifications (and those of a user whose unread state is loading).
+        event_id = pdu.event_id
+        pending, users, loading = self._pending_rows, self._users, self._load_buffer
         for user_id in targets:
             rule = rules.get(user_id)
             if rule is None or not rule.notify:
                 continue
             notified.add(user_id)
-            self._add_row(
-                PushActionRow(
-                    user_id,
-                    room_id,
-                    stream,
-                    pdu.event_id,
-                    thread,
-                    rule.highlight,
-                    rule.actions_json,
-                    now,
-                )
-            )
-        return notified
-
-    def _add_row(self, row: PushActionRow) -> None:
-        self._pending_rows.append(row)
-        for state in (self._users.get(row.user_id), self._load_buffer.get(row.user_id)):
+            highlight = rule.highlight
+            pending.append(PushActionRow(
+                user_id, room_id, stream, event_id, thread, highlight, rule.actions_json, now
+            ))
+            state = users.get(user_id)
             if state is not None:
-                state.add(row.room_id, row.stream_ordering, row.thread_id, row.highlight)
+                state.add(room_id, stream, thread, highlight)
+            if loading:
+                state = loading.get(user_id)
+                if state is not None:
+                    state.add(room_id, stream, thread, highlight)
+        return notified
 
     def _add_mark(self, mark: ReadMark) -> None:
         self._pending_marks.append(mark)
