@@ -4,6 +4,9 @@
 --   BIGINT PRIMARY KEY it was a separate unique index beside the rowid.
 -- * events_relations holds only events that relate to another (edits,
 --   reactions, replies in threads): plain messages no longer touch it.
+-- * events_txn (sender, device_id, txn_id) is gone: no query used it (recent
+--   transaction ids are loaded at start-up by time, idempotent sends are
+--   answered from memory).
 CREATE TABLE events_by_rowid (
     stream_ordering INTEGER PRIMARY KEY,
     event_id TEXT NOT NULL UNIQUE,
@@ -36,7 +39,6 @@ ALTER TABLE events_by_rowid RENAME TO events;
 CREATE INDEX events_room_stream ON events (room_id, stream_ordering);
 CREATE INDEX events_relations ON events (relates_to_id, relation_type)
     WHERE relates_to_id IS NOT NULL;
-CREATE INDEX events_txn ON events (sender, device_id, txn_id);
 
 -- event_push_actions (a row per notified member per event, the busiest table
 -- by rows written) becomes one b-tree instead of three: kept in the order of
@@ -60,3 +62,15 @@ SELECT user_id, room_id, stream_ordering, event_id, thread_id, highlight, action
 FROM event_push_actions;
 DROP TABLE event_push_actions;
 ALTER TABLE event_push_actions_by_user RENAME TO event_push_actions;
+
+-- forward_extremities (a room's latest events, one UPDATE per event sent) is
+-- kept in its key's order too: one b-tree instead of a table and its key index.
+CREATE TABLE forward_extremities_by_room (
+    room_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, event_id)
+) WITHOUT ROWID;
+INSERT INTO forward_extremities_by_room (room_id, event_id)
+SELECT room_id, event_id FROM forward_extremities;
+DROP TABLE forward_extremities;
+ALTER TABLE forward_extremities_by_room RENAME TO forward_extremities;

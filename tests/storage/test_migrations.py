@@ -1,9 +1,11 @@
 """Schema deltas applied to a database that already holds data, on SQLite and PostgreSQL.
 
 0016_events_rowid: on SQLite the ``events`` table is rebuilt with
-``stream_ordering INTEGER PRIMARY KEY`` (the rowid) and ``event_push_actions``
-becomes a WITHOUT ROWID table keyed by (user_id, stream_ordering); on both
-engines ``events_relations`` becomes partial (WHERE relates_to_id IS NOT NULL).
+``stream_ordering INTEGER PRIMARY KEY`` (the rowid), ``event_push_actions``
+becomes a WITHOUT ROWID table keyed by (user_id, stream_ordering) and
+``forward_extremities`` a WITHOUT ROWID table; on both engines
+``events_relations`` becomes partial (WHERE relates_to_id IS NOT NULL) and the
+unused ``events_txn`` index goes.
 A database made at schema version 15 and filled with rows must come out of the
 upgrade with every row and column as it was.
 """
@@ -45,6 +47,7 @@ EVENTS = [
      1_700_000_000_004, 3, "{}", None, None, False, None, None, "$thread", "m.reference", None),
 ]
 
+EXTREMITIES = [("!r:hs", "$msg"), ("!r:hs", "$thread"), ("!s:hs", "$other")]
 PUSH_ACTIONS = [
     ("@b:hs", "!r:hs", 2, "$msg", "main", True, '["notify"]', 1_700_000_000_001),
     ("@a:hs", "!r:hs", 3, "$reaction", "main", False, '["notify"]', 1_700_000_000_002),
@@ -53,7 +56,7 @@ PUSH_ACTIONS = [
 PUSH_COLUMNS = ("user_id", "room_id", "stream_ordering", "event_id", "thread_id",
                 "highlight", "actions", "ts")
 
-INDEXES = {"events_room_stream", "events_relations", "events_txn"}
+INDEXES = {"events_room_stream", "events_relations"}  # events_txn dropped: unused
 
 
 @contextmanager
@@ -80,6 +83,9 @@ def _insert_rows(txn: Any) -> None:
     txn.executemany(
         f"INSERT INTO event_push_actions ({', '.join(PUSH_COLUMNS)}) VALUES ({marks})",
         PUSH_ACTIONS,
+    )
+    txn.executemany(
+        "INSERT INTO forward_extremities (room_id, event_id) VALUES (?, ?)", EXTREMITIES
     )
 
 
@@ -150,6 +156,10 @@ class MigrationTestsMixin:
                 )
                 self.assertEqual(_normalise(push, (PUSH_COLUMNS.index("highlight"),)),
                                  PUSH_ACTIONS)
+                extremities = await db.select(
+                    "x", "SELECT room_id, event_id FROM forward_extremities ORDER BY room_id, event_id"
+                )
+                self.assertEqual(extremities, EXTREMITIES)
 
                 # The relations index answers what the relations queries ask.
                 children = await db.select(
@@ -308,8 +318,8 @@ class SqliteMigrationTests(MigrationTestsMixin, unittest.TestCase):
         index_columns = await db.select("c", f"SELECT name FROM pragma_index_info('{autos[0]}')")
         self.assertEqual(index_columns, [("event_id",)])
         self.assertIn("WHERE RELATES_TO_ID IS NOT NULL", indexes["events_relations"].upper())
-        for name in ("events_room_stream", "events_txn"):
-            self.assertNotIn("WHERE", indexes[name].upper())
+        self.assertNotIn("WHERE", indexes["events_room_stream"].upper())
+        self.assertNotIn("events_txn", indexes)
         partial = dict(
             await db.select("p", "SELECT name, partial FROM pragma_index_list('events')")
         )
@@ -337,6 +347,10 @@ class SqliteMigrationTests(MigrationTestsMixin, unittest.TestCase):
             "p", "SELECT sql FROM sqlite_master WHERE name = 'event_push_actions'"
         ))[0][0]
         self.assertIn("WITHOUT ROWID", push_sql.upper())
+        extremities_sql = (await db.select(
+            "x", "SELECT sql FROM sqlite_master WHERE name = 'forward_extremities'"
+        ))[0][0]
+        self.assertIn("WITHOUT ROWID", extremities_sql.upper())
         push_indexes = await db.select(
             "p", "SELECT name FROM sqlite_master WHERE type = 'index'"
             " AND tbl_name = 'event_push_actions' AND sql IS NOT NULL"
@@ -380,8 +394,8 @@ class PostgresMigrationTests(MigrationTestsMixin, unittest.TestCase):
         ))
         self.assertTrue(INDEXES <= set(indexes), indexes)
         self.assertIn("WHERE (relates_to_id IS NOT NULL)", indexes["events_relations"])
-        for name in ("events_room_stream", "events_txn"):
-            self.assertNotIn("WHERE", indexes[name])
+        self.assertNotIn("WHERE", indexes["events_room_stream"])
+        self.assertNotIn("events_txn", indexes)
         # The primary key is unchanged on PostgreSQL.
         self.assertIn("events_pkey", indexes)
         self.assertIn("(stream_ordering)", indexes["events_pkey"])
