@@ -12,8 +12,8 @@ in values, duplicate framing headers). The request line, the body (Content-Lengt
 or chunked), ``Expect: 100-continue``, persistence and pipelining are still
 Twisted's.
 
-It also remembers the socket's local address (Twisted's ``Request`` asks the
-socket for it on every request) and lets a response be handed to the socket
+It also remembers the connection's two addresses (Twisted's ``Request`` asks
+for them on every request: a system call and an address object each time) and lets a response be handed to the socket
 directly when nothing is queued before it (``send_now``), which saves the two
 epoll registrations a buffered write costs.
 """
@@ -34,11 +34,17 @@ class HomeserverChannel(HTTPChannel):
     """An ``HTTPChannel`` for plain-TCP listeners (see the module docstring)."""
 
     _local_address: Any = None
+    _peer_address: Any = None
 
     def getHost(self) -> Any:  # noqa: N802 - Twisted's name
         if self._local_address is None:
             self._local_address = self.transport.getHost()
         return self._local_address
+
+    def getPeer(self) -> Any:  # noqa: N802 - Twisted's name
+        if self._peer_address is None:
+            self._peer_address = self.transport.getPeer()
+        return self._peer_address
 
     def dataReceived(self, data: bytes) -> Any:  # noqa: N802
         """Twisted's ``HTTPChannel.dataReceived`` (``LineReceiver``'s loop), with

@@ -1,6 +1,7 @@
 """HomeserverChannel's cached local address, over a real loopback socket (the
 parser and send_now are tested in test_channel.py)."""
 
+import json
 import socket
 import time
 from typing import Any
@@ -94,8 +95,9 @@ def _put(name: str, body: bytes, extra: bytes = b"", version: bytes = b"HTTP/1.1
 
 
 class LocalAddressTests(unittest.TestCase):
-    """The socket's local address is asked for once per connection (Twisted's
-    Request asks on every request: a getsockname() system call each)."""
+    """The connection's local and peer addresses are asked for once per
+    connection (Twisted's Request asks on every request: getsockname() and a
+    new address object each time)."""
 
     def setUp(self) -> None:
         site = _Site(_router(), reactor=reactor)
@@ -109,25 +111,28 @@ class LocalAddressTests(unittest.TestCase):
     def _send(self, *args: Any, **kwargs: Any) -> Any:
         return threads.deferToThread(_exchange, self.port, *args, **kwargs)
 
-    async def test_local_address_is_asked_once_per_connection(self) -> None:
-        calls = []
+    async def test_addresses_are_asked_once_per_connection(self) -> None:
+        calls: list[str] = []
 
         class Counting(HomeserverChannel):
             def makeConnection(self, transport: Any) -> None:  # noqa: N802
-                original = transport.getHost
+                for name in ("getHost", "getPeer"):
+                    original = getattr(transport, name)
 
-                def get_host() -> Any:
-                    calls.append(1)
-                    return original()
+                    def counted(name: str = name, original: Any = original) -> Any:
+                        calls.append(name)
+                        return original()
 
-                transport.getHost = get_host
+                    setattr(transport, name, counted)
                 super().makeConnection(transport)
 
         self.listening.factory.protocol = Counting
         payload = b"".join(_put(f"h{i}", b"{}") for i in range(5))
         data = await self._send([payload], 5)
-        self.assertEqual(len(_split_responses(data)[0]), 5)
-        self.assertEqual(len(calls), 1)
+        responses = _split_responses(data)[0]
+        self.assertEqual([json.loads(r[2])["name"] for r in responses],
+                         [f"h{i}" for i in range(5)])
+        self.assertEqual(sorted(calls), ["getHost", "getPeer"])
 
 
 class StreamFailureTests(unittest.TestCase):
