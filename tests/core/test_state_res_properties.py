@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from homeserver.core.state_res import resolve_state
@@ -35,6 +35,7 @@ def shuffled(state: dict, rng: random.Random) -> dict:
 @pytest.mark.parametrize("version", VERSIONS)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
+@example(seed=2056)  # v10: a merge resolves to a state without power levels
 def test_order_of_state_sets_and_of_their_entries_does_not_matter(version: str, seed: int) -> None:
     dag, all_sets = merges(version, seed)
     events, index, rng = dag.pdus(), dag.chain_index(), random.Random(seed)
@@ -51,6 +52,7 @@ def test_order_of_state_sets_and_of_their_entries_does_not_matter(version: str, 
 @pytest.mark.parametrize("version", VERSIONS)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
+@example(seed=2056)  # v10: a merge resolves to a state without power levels
 def test_single_and_identical_state_sets_resolve_to_themselves(version: str, seed: int) -> None:
     dag, all_sets = merges(version, seed)
     events, index = dag.pdus(), dag.chain_index()
@@ -64,6 +66,7 @@ def test_single_and_identical_state_sets_resolve_to_themselves(version: str, see
 @pytest.mark.parametrize("version", VERSIONS)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
+@example(seed=2056)  # v10: a merge resolves to a state without power levels
 def test_result_keeps_unconflicted_state_and_is_a_fixed_point(version: str, seed: int) -> None:
     dag, all_sets = merges(version, seed)
     events, index = dag.pdus(), dag.chain_index()
