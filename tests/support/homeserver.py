@@ -46,6 +46,11 @@ async def add_user(hs: HomeServer, localpart: str) -> str:
 
 async def close_homeserver(hs: HomeServer) -> None:
     """Stop the services' timers and close the database, as shutdown does."""
+    # First the federation sender, as shutdown does: a transaction still in
+    # flight must not schedule a retry when it finds the database closed.
+    sender = getattr(hs, "federation_sender", None)
+    if sender is not None and hasattr(sender, "shutdown"):
+        sender.shutdown()
     for name in ("presence", "typing"):
         service = getattr(hs, name, None)
         if service is not None:
