@@ -13,9 +13,10 @@ or chunked), ``Expect: 100-continue``, persistence and pipelining are still
 Twisted's.
 
 It also remembers the connection's two addresses (Twisted's ``Request`` asks
-for them on every request: a system call and an address object each time) and lets a response be handed to the socket
-directly when nothing is queued before it (``send_now``), which saves the two
-epoll registrations a buffered write costs.
+for them on every request: a system call and an address object each time),
+and lets a response be handed to the socket directly when nothing is queued
+before it (``send_now``), which saves the two epoll registrations a buffered
+write costs.
 """
 
 from typing import Any
@@ -127,6 +128,8 @@ class HomeserverChannel(HTTPChannel):
                 self._respondToBadRequestAndDisconnect()
                 return
             count += 1
+        # (A head over totalHeadersSize is never taken here: the search for its
+        # end stops there, and Twisted's line parser refuses it. Checked anyway.)
         if size > self.totalHeadersSize or count > self.maxHeaders:
             self._respondToBadRequestAndDisconnect()
             return

@@ -94,10 +94,8 @@ def _put(name: str, body: bytes, extra: bytes = b"", version: bytes = b"HTTP/1.1
     ) + body
 
 
-class LocalAddressTests(unittest.TestCase):
-    """The connection's local and peer addresses are asked for once per
-    connection (Twisted's Request asks on every request: getsockname() and a
-    new address object each time)."""
+class _ServedTestCase(unittest.TestCase):
+    """A HomeserverChannel site over ``_router()`` on a loopback port."""
 
     def setUp(self) -> None:
         site = _Site(_router(), reactor=reactor)
@@ -107,6 +105,12 @@ class LocalAddressTests(unittest.TestCase):
 
     def tearDown(self) -> Any:
         return self.listening.stopListening()
+
+
+class LocalAddressTests(_ServedTestCase):
+    """The connection's local and peer addresses are asked for once per
+    connection (Twisted's Request asks on every request: getsockname() and a
+    new address object each time)."""
 
     def _send(self, *args: Any, **kwargs: Any) -> Any:
         return threads.deferToThread(_exchange, self.port, *args, **kwargs)
@@ -135,18 +139,9 @@ class LocalAddressTests(unittest.TestCase):
         self.assertEqual(sorted(calls), ["getHost", "getPeer"])
 
 
-class StreamFailureTests(unittest.TestCase):
+class StreamFailureTests(_ServedTestCase):
     """A handler that fails after its response started: the connection is cut
     (the client sees a short body), no error document is spliced into it."""
-
-    def setUp(self) -> None:
-        site = _Site(_router(), reactor=reactor)
-        site.protocol = HomeserverChannel
-        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.port = self.listening.getHost().port
-
-    def tearDown(self) -> Any:
-        return self.listening.stopListening()
 
     async def test_failure_after_the_headers_cuts_the_connection(self) -> None:
         def fetch() -> bytes:
