@@ -156,8 +156,14 @@ def _router(registry: _Registry) -> JsonResource:
     async def not_json(request: Any) -> tuple[int, Any]:
         return 200, {"not json": object()}
 
+    async def stream_then_fail(request: Any) -> None:
+        request.setHeader(b"Content-Length", b"100")
+        request.write(b"x" * 10)
+        raise RuntimeError("the stream broke")
+
     router.register(["PUT", "POST"], "/_matrix/client/v3/echo/(?P<name>[^/]+)", echo)
     router.register("GET", "/_matrix/client/v3/not_json", not_json)
+    router.register("GET", "/_matrix/client/v3/broken_stream", stream_then_fail)
     router.register("GET", "/_matrix/client/v3/hello", hello)
     router.register("GET", r"/_matrix/client/v3/slow/(?P<n>\d+)", slow)
     router.register("GET", "/_matrix/client/v3/big", big)
@@ -787,6 +793,22 @@ class _ChannelTests:
                          ["GET /_matrix/client/v3/not_json failed"])
         self.log_records.clear()
 
+    async def test_a_failure_after_the_body_started_cuts_the_connection(self) -> None:
+        """Nothing is written after the body began (no second status line, no
+        JSON error): the connection closes, so the body is shorter than announced."""
+        def scenario(c: Client) -> bytes:
+            c.send(get(b"/_matrix/client/v3/broken_stream"))
+            return c.read_to_close()
+
+        data = await self.talk(scenario)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
+        self.assertIn(b"Content-Length: 100", head.split(b"\r\n"))
+        self.assertEqual(body, b"x" * 10)
+        self.assertEqual([r.getMessage() for r in self.log_records],
+                         ["GET /_matrix/client/v3/broken_stream failed"])
+        self.log_records.clear()
+
     # --- connection handling ---------------------------------------------------
     async def test_connection_close(self) -> None:
         def scenario(c: Client) -> tuple[Response, bytes]:
@@ -898,6 +920,34 @@ class HomeserverChannelTests(_ChannelTests, unittest.TestCase):
         for response in await self.talk(scenario):
             self.assert_hello(response, "s")
         self.assertEqual(self.server.registry.fast_heads, 2)
+
+    async def test_addresses_are_asked_once_per_connection(self) -> None:
+        """Twisted's Request asks its channel for both addresses on every
+        request: the transport is asked once per connection."""
+        calls: list[str] = []
+        tracked = self.server.site.protocol
+
+        class Counting(tracked):  # type: ignore[misc, valid-type]
+            def connectionMade(self) -> None:  # noqa: N802
+                super().connectionMade()
+                for name in ("getHost", "getPeer"):
+                    original = getattr(self.transport, name)
+
+                    def counted(name: str = name, original: Any = original) -> Any:
+                        calls.append(name)
+                        return original()
+
+                    setattr(self.transport, name, counted)
+
+        self.server.site.protocol = Counting
+
+        def scenario(c: Client) -> list[Response]:
+            c.send(b"".join(get(HELLO + b"?n=%d" % i) for i in range(5)))
+            return [c.read_response() for _ in range(5)]
+
+        for i, response in enumerate(await self.talk(scenario)):
+            self.assert_hello(response, str(i))
+        self.assertEqual(sorted(calls), ["getHost", "getPeer"])
 
 
 class TwistedChannelTests(_ChannelTests, unittest.TestCase):
