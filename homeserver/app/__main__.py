@@ -1,5 +1,5 @@
 import sys
 
-from homeserver.app.cli import main
+from homeserver.app.entry import main
 
 sys.exit(main())

@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     install_reactor(any(listener.get("tls") for listener in config.get("listeners") or ()))
     from twisted.internet.error import CannotListenError
 
+    from homeserver.app.lazy_modules import withdraw_presets
     from homeserver.app.server import run
 
+    withdraw_presets()  # Twisted and jsonschema have what they took from the stand-ins
     try:
         return run(config)
     except ConfigError as e:

@@ -28,7 +28,6 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import attrs
@@ -183,6 +182,8 @@ def cache_ttl_ms(cache_control: str | None, expires: str | None, now_ms: int) ->
     elif m:
         ttl = int(m.group(1)) * 1000
     elif expires:
+        from email.utils import parsedate_to_datetime  # rarely needed: not at start-up
+
         try:
             ttl = int(parsedate_to_datetime(expires).timestamp() * 1000) - now_ms
         except (TypeError, ValueError, OverflowError):

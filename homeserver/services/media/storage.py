@@ -20,6 +20,8 @@ from typing import Any, BinaryIO, Protocol
 
 from twisted.internet import threads
 
+from homeserver.services.media.page_cache import cached_length
+
 logger = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_./-]*$")
@@ -30,7 +32,7 @@ FIRST_CHUNK = 128 * 1024
 READAHEAD = 8 * 1024 * 1024
 # Stored files kept open for downloads (see LocalMediaStorage).
 OPEN_FILES = 64
-# The most LocalFileReader reads into its scratch buffer at once (read_nowait, cached).
+# The most LocalFileReader.read_nowait reads into its scratch buffer at once.
 PROBE_MAX = 1024 * 1024
 # Files at least this big are removed from the reactor thread on a worker thread,
 # without waiting (freeing their pages takes a while); smaller ones at once.
@@ -160,7 +162,7 @@ def thread_buffer(name: str, size: int) -> bytearray:
 
 
 def _probe_buffer() -> bytearray:
-    """Where read_nowait and cached read (in fact only the reactor thread)."""
+    """Where read_nowait reads (in fact only on the reactor thread)."""
     return thread_buffer("probe", PROBE_MAX)
 
 
@@ -249,12 +251,12 @@ class LocalFileReader:
         return bytes(memoryview(buf)[:got])
 
     def cached(self, size: int) -> int:
-        """How many of the next ``size`` bytes (at most PROBE_MAX) are in the page cache,
-        found without waiting for the disk (by reading them into a scratch buffer)."""
-        size = min(size, self._end - self._pos, PROBE_MAX)
+        """``size`` (at most to the end) if the next ``size`` bytes are all in the page
+        cache, else 0; found without waiting for the disk or copying them."""
+        size = min(size, self._end - self._pos)
         if size <= 0 or self._head:
             return 0
-        return self._read_cached(memoryview(_probe_buffer())[:size])
+        return cached_length(self._fd, self._pos, size)
 
     def close(self) -> None:
         if self._fd >= 0:
