@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"homeserver: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    from homeserver.app.lazy_modules import release_startup_modules
     from homeserver.app.reactor import install_reactor
+
+    # The config is read: PyYAML's memory goes to the modules imported next.
+    release_startup_modules()
 
     # Before anything imports the reactor: without a TLS listener, TLS loads on first use.
     install_reactor(any(listener.get("tls") for listener in config.get("listeners") or ()))

@@ -61,6 +61,11 @@ class _NotCopyable:
     (which Twisted makes copyable over Perspective Broker, which nothing here uses)."""
 
 
+class _IdnaErrorUntilLoaded(ValueError):
+    """``idna.IDNAError`` in jsonschema's ``idn-hostname`` format check (formats are
+    not checked here) until idna loads."""
+
+
 class _AnnotationOnly:
     """Stands for an asyncio class in Twisted's annotations until asyncio loads."""
 
@@ -142,6 +147,15 @@ def defer_unused_imports() -> None:
         "ViewPoint": _forwarder("twisted.spread.pb", "ViewPoint"),
     })
     _stand_in("fractions", {"Fraction": _forwarder("fractions", "Fraction")})
+    _stand_in("rfc3339_validator", {
+        "validate_rfc3339": _forwarder("rfc3339_validator", "validate_rfc3339"),
+    })
+    _stand_in("uuid", {"UUID": _forwarder("uuid", "UUID")})
+    _stand_in("pprint", {"pformat": _forwarder("pprint", "pformat")})
+    _stand_in("zipfile", {})
+    _stand_in("bz2", {})
+    _stand_in("lzma", {})
+    _stand_in("idna", {"IDNAError": _IdnaErrorUntilLoaded})
 
 
 def withdraw_presets() -> None:
@@ -155,6 +169,14 @@ def withdraw_presets() -> None:
                 for attribute in attributes:
                     module.__dict__.pop(attribute, None)
         _presets.clear()
+
+
+def release_startup_modules() -> None:
+    """Forget the modules only start-up needs (PyYAML, for the config files): their
+    memory goes back to the allocator for what the server builds later. Anything
+    that needs them again imports them again."""
+    for name in [n for n in sys.modules if n == "yaml" or n.startswith("yaml.")]:
+        del sys.modules[name]
 
 
 def loaded(name: str) -> bool:

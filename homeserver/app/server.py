@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from crypto.keys import generate_signing_key, read_signing_keys, write_signing_keys
 from homeserver.app.listeners import start_listeners
 from homeserver.config import HomeserverConfig
@@ -28,6 +26,8 @@ def setup_logging(config: HomeserverConfig) -> None:
     if path:
         # Imported here (it brings logging.handlers): only when a log config is given.
         from logging.config import dictConfig
+
+        import yaml
 
         with open(path) as f:
             dictConfig(yaml.safe_load(f))

@@ -12,7 +12,6 @@ from typing import Any
 
 import attrs
 import jsonschema
-import yaml
 
 from homeserver.config.schema import CONFIG_SCHEMA, TOLERATED_KEYS
 
@@ -112,6 +111,8 @@ class HomeserverConfig:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml  # only at start-up (see homeserver.app.lazy_modules.release_startup_modules)
+
     try:
         text = path.read_text()
     except OSError as e:

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
-import yaml
 from twisted.internet import defer
 
 from homeserver.errors import MatrixError
@@ -139,6 +138,8 @@ def load_app_services(paths: Iterable[str], server_name: str) -> list[Applicatio
     seen_ids: set[str] = set()
     seen_tokens: set[str] = set()
     for path in paths:
+        import yaml  # only at start-up, if at all (see lazy_modules.release_startup_modules)
+
         try:
             with open(path) as f:
                 data = yaml.safe_load(f)

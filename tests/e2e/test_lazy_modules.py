@@ -71,6 +71,15 @@ _STAND_INS = textwrap.dedent(
     assert len(http.cookiejar.CookieJar()) == 0
     assert urllib.request.Request("http://example.org/").host == "example.org"
 
+
+    # Start-up's YAML modules go; a later use imports them again.
+    from homeserver.app.lazy_modules import release_startup_modules
+    import yaml
+    first = yaml
+    release_startup_modules()
+    assert not [n for n in sys.modules if n == "yaml" or n.startswith("yaml.")]
+    import yaml
+    assert yaml is not first and yaml.safe_load("a: [1, 2]") == {"a": [1, 2]}
     print("ok")
     """
 )
